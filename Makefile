@@ -1,0 +1,40 @@
+# On a fresh machine (python3 and pip present), one command each:
+#   make demo   set up (venv, torch, build the extension) and run the main job on its bundled default
+#   make test   the same set-up, then the test suite (what CI runs, via .ci/run)
+# Other targets: make setup | make bench | make ptxas | make clean
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+PY         := $(VENV)/bin/python
+DEPS       := numpy ninja pybind11 "setuptools>=64" wheel pytest transformers tokenizers tqdm safetensors matplotlib
+
+.PHONY: setup demo test bench ptxas clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+# Rebuild the extension whenever a kernel, a binding or the build files change.
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m gptkernels info
+	touch $@
+
+setup: $(VENV)/.built
+
+demo: setup
+	$(PY) -m gptkernels info
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.run --quick
+
+ptxas:
+	$(PYTHON) tools/ptxas_report.py
+
+clean:
+	rm -rf build *.egg-info gptkernels/_C*.so

@@ -1,0 +1,4 @@
+"""Drop-in layers (nn.Module) built on gptkernels.ops."""
+from gptkernels.nn import functional
+
+__all__ = ["functional"]

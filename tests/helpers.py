@@ -1,0 +1,32 @@
+"""Shared test helpers: tolerances derived from the dtype, NaN poisoning, op lists."""
+import torch
+
+# Unit roundoff of each storage type: the error of one rounding to that type, relative.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def elementwise_tol(dtype, ops: int = 4):
+    """(atol, rtol) for an elementwise result stored in `dtype` from fp32 math: one final rounding
+    (unit roundoff u) plus a few fp32 operations; floored so fp32 transcendental differences
+    (tanhf/erff vs torch, ~1e-6 relative) pass."""
+    u = UNIT_ROUNDOFF[dtype]
+    rtol = max(2 * u, ops * 2.0**-23)
+    return rtol, rtol
+
+
+def reduction_tol(dtype, n: int):
+    """rtol for a sum of n terms accumulated in fp32 and stored in `dtype`: the final rounding plus
+    fp32 accumulation error that grows like sqrt(n) * 2^-24 for random signs (bounded generously
+    by 8x that)."""
+    return 2 * UNIT_ROUNDOFF[dtype] + 8 * (max(n, 1) ** 0.5) * 2.0**-24
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (or -1 for integer tensors) so an unwritten element fails the comparison."""
+    return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+def assert_close(actual, expected, atol, rtol, name="output"):
+    """Compare with torch.testing.assert_close, naming the tensor in the message."""
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,140 @@
+"""bias + GELU/ReLU: reference math, op registration, and the CUDA kernel against fp32."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkernels
+from gptkernels import _backend
+from gptkernels.nn import functional as GF
+from gptkernels.ops import activation as act_ops
+from helpers import assert_close, elementwise_tol, poison, reduction_tol
+
+ACTS = ["gelu_tanh", "gelu", "relu"]
+TORCH_ACT = {"gelu_tanh": lambda u: F.gelu(u, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_grad_formula_matches_autograd(act):
+    x = torch.randn(33, 17, dtype=torch.float64)
+    b = torch.randn(17, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    TORCH_ACT[act](xr + br).backward(dy)
+    dx, db = act_ops.bias_act_bwd_ref(dy, x, b, act)  # fp32 math by design
+    torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_functional_cpu_matches_torch(act):
+    x = torch.randn(5, 3, 12, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    fn = {"gelu_tanh": lambda: GF.bias_gelu(x, b), "gelu": lambda: GF.bias_gelu(x, b, approximate="none"),
+          "relu": lambda: GF.bias_relu(x, b)}[act]
+    y = fn()
+    y_ref = TORCH_ACT[act](x + b)
+    torch.testing.assert_close(y, y_ref)
+
+
+def test_bad_input():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        GF.bias_gelu(x, torch.randn(7))
+    with pytest.raises(ValueError, match="bias has dtype"):
+        GF.bias_gelu(x, torch.randn(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="approximate"):
+        GF.bias_gelu(x, torch.randn(8), approximate="fast")
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        GF.bias_relu(torch.ones(4, 8, dtype=torch.int32), torch.randn(8))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        GF.bias_relu([1.0], torch.randn(1))
+
+
+@pytest.mark.skipif(not _backend.EXT_LOADED, reason="extension not built")
+@pytest.mark.parametrize("act", ACTS)
+def test_opcheck_cpu(act):
+    x = torch.randn(6, 10, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    torch.library.opcheck(torch.ops.gptkernels.bias_act_fwd, (x, b, act))
+    torch.library.opcheck(torch.ops.gptkernels.bias_act_bwd, (torch.randn(6, 10), x.detach(), b.detach(), act))
+
+
+def test_compile_fullgraph_cpu():
+    f = torch.compile(lambda x, b: GF.bias_gelu(x, b), fullgraph=True, backend="aot_eager")
+    x, b = torch.randn(4, 16), torch.randn(16)
+    torch.testing.assert_close(f(x, b), F.gelu(x + b, approximate="tanh"))
+
+
+# ---- CUDA kernel ---------------------------------------------------------------------------
+
+SHAPES = [(1, 1), (3, 7), (1000, 768), (65536, 1000), (17, 4096), (5, 12288), (2, 3072)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_kernel_matches_fp32_reference(act, shape, dtype):
+    rows, cols = shape
+    x = torch.randn(rows, cols, device="cuda", dtype=dtype)
+    b = torch.randn(cols, device="cuda", dtype=dtype)
+    dy = torch.randn_like(x)
+    y = torch.ops.gptkernels.bias_act_fwd(x, b, act)
+    dx, db = torch.ops.gptkernels.bias_act_bwd(dy, x, b, act)
+    y_ref = act_ops.bias_act_fwd_ref(x.float(), b.float(), act)
+    dx_ref, db_ref = act_ops.bias_act_bwd_ref(dy.float(), x.float(), b.float(), act)
+    atol, rtol = elementwise_tol(dtype)
+    assert_close(y, y_ref, atol, rtol, "y")
+    assert_close(dx, dx_ref, atol, rtol, "dx")
+    scale = dx_ref.abs().sum(0).max().item() + 1e-6  # tolerance relative to the summed magnitudes
+    assert_close(db, db_ref, reduction_tol(dtype, rows) * scale, reduction_tol(dtype, rows), "dbias")
+
+
+@pytest.mark.cuda
+def test_kernel_writes_every_element():
+    x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    out = poison(torch.empty_like(x))
+    out.copy_(torch.ops.gptkernels.bias_act_fwd(x, b, "gelu_tanh"))
+    assert not out.isnan().any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ACTS)
+def test_functional_autograd_cuda(act):
+    x = torch.randn(64, 3, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with gptkernels.backend("kernel"):
+        y = GF.bias_relu(x, b) if act == "relu" else GF.bias_gelu(x, b, "tanh" if act == "gelu_tanh" else "none")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx_ref, db_ref = act_ops.bias_act_bwd_ref(dy.float(), x.detach().float(), b.detach().float(), act)
+    atol, rtol = elementwise_tol(torch.bfloat16)
+    assert_close(x.grad, dx_ref, atol, rtol, "x.grad")
+    assert_close(b.grad, db_ref, 0.05 * db_ref.abs().max().item(), 0.02, "b.grad")
+
+
+@pytest.mark.cuda
+def test_noncontiguous_and_opcheck_cuda():
+    x = torch.randn(512, 64, device="cuda", dtype=torch.float16).t()  # non-contiguous
+    b = torch.randn(512, device="cuda", dtype=torch.float16)
+    with gptkernels.backend("kernel"):
+        y = GF.bias_gelu(x, b)
+    assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), "gelu_tanh"), *elementwise_tol(torch.float16))
+    torch.library.opcheck(torch.ops.gptkernels.bias_act_fwd,
+                          (x.contiguous().requires_grad_(), b.clone().requires_grad_(), "gelu_tanh"))
+
+
+@pytest.mark.cuda
+def test_compile_fullgraph_cuda():
+    f = torch.compile(lambda x, b: GF.bias_gelu(x, b), fullgraph=True)
+    x = torch.randn(128, 768, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(768, device="cuda", dtype=torch.bfloat16)
+    assert_close(f(x, b), act_ops.bias_act_fwd_ref(x.float(), b.float(), "gelu_tanh"),
+                 *elementwise_tol(torch.bfloat16))
+
+
+@pytest.mark.cuda
+def test_cpu_cuda_mix_raises():
+    with pytest.raises(ValueError, match="bias is on cpu"):
+        GF.bias_gelu(torch.randn(4, 8, device="cuda"), torch.randn(8))

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# tools/device_check.sh: everything a lent H200 should check, in ONE call (see ../shared/GPU.md).
+#
+#   builds the extension (MAX_JOBS=16, sm_90a) -> runs the CUDA tests -> runs the quick benchmarks
+#   -> writes the log, junit XML, benchmark JSON and a tarball of CSV/PNGs under $OUT
+#   -> prints a short table last. Every step is bounded by what is left of an internal budget.
+#
+# Usage (from the repo root, on the device):
+#   GPTK_GIT_COMMIT=<sha> bash tools/device_check.sh [--budget S] [--tests EXPR] [--ops a,b] [--no-bench]
+#                                                  [--sanitize] [--full-bench] [--e2e]
+#   --tests EXPR   pytest -k expression for the CUDA tests (default: all tests marked cuda)
+#   --ops a,b      benchmarks to run (default: all benchmarks/bench_*.py)
+#   --sanitize     also run compute-sanitizer memcheck on a few small kernel tests
+#   --e2e          also run the end-to-end training benchmark (benchmarks/e2e_train.py) if present
+# Afterwards, copy $OUT/device-bench.json (and the unpacked tarball) into benchmarks/results/.
+set -uo pipefail
+BUDGET=540; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) BUDGET=$2; shift 2;;
+    --tests) TESTS=$2; shift 2;;
+    --ops) OPS=$2; shift 2;;
+    --no-bench) BENCH=0; shift;;
+    --full-bench) FULL=1; shift;;
+    --sanitize) SANITIZE=1; shift;;
+    --e2e) E2E=1; shift;;
+    *) echo "device_check.sh: unknown argument $1" >&2; exit 2;;
+  esac
+done
+OUT=${OUT:-/tmp/gptk_device_out}
+mkdir -p "$OUT"
+START=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+LOG="$OUT/device_check.log"
+exec > >(tee -a "$LOG") 2>&1
+
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} GPTKERNELS_CUDA_ARCHS=${GPTKERNELS_CUDA_ARCHS:-90a}
+export GPTKERNELS_REQUIRE_EXT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export GPTK_GIT_COMMIT=${GPTK_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+PY=${PYTHON:-python3}
+status() { echo "== [$(( $(date +%s) - START ))s] $*"; }
+
+status "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+status "commit $GPTK_GIT_COMMIT; torch $($PY -c 'import torch;print(torch.__version__, torch.version.cuda)')"
+
+status "build (archs $GPTKERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
+BUILD_RC=0
+timeout $(( $(left) - 60 )) $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || BUILD_RC=$?
+grep -E "error|warning: .*spill" "$OUT/build.log" | head -20
+status "build rc=$BUILD_RC"
+if [ $BUILD_RC -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
+$PY -m gptkernels info
+
+TEST_RC=-1
+if [ "$(left)" -gt 60 ]; then
+  status "CUDA tests (${TESTS:-all marked cuda})"
+  KARGS=(); [ -n "$TESTS" ] && KARGS=(-k "$TESTS")
+  timeout $(( $(left) - 45 )) $PY -m pytest -q -m cuda -x --maxfail=20 -p no:cacheprovider "${KARGS[@]}" \
+      --junitxml="$OUT/pytest-cuda.xml" tests/ 2>&1 | tail -40
+  TEST_RC=${PIPESTATUS[0]}
+  status "tests rc=$TEST_RC"
+fi
+
+if [ $SANITIZE -eq 1 ] && [ "$(left)" -gt 90 ] && command -v compute-sanitizer >/dev/null; then
+  status "compute-sanitizer memcheck on small kernel tests"
+  timeout $(( $(left) - 60 )) compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m cuda -x \
+      -p no:cacheprovider -k "small or sanitize" tests/ 2>&1 | tail -20
+  status "sanitizer rc=${PIPESTATUS[0]}"
+fi
+
+if [ $BENCH -eq 1 ] && [ "$(left)" -gt 45 ]; then
+  status "benchmarks (${OPS:-all}, ${FULL:+full}${FULL:-quick})"
+  BARGS=(--out "$OUT/bench" --stem device-bench); [ -z "$FULL" ] && BARGS+=(--quick); [ -n "$OPS" ] && BARGS+=(--ops "$OPS")
+  timeout $(( $(left) - 20 )) $PY -m benchmarks.run "${BARGS[@]}" > "$OUT/bench.log" 2>&1
+  status "bench rc=$?"
+fi
+
+if [ $E2E -eq 1 ] && [ -f benchmarks/e2e_train.py ] && [ "$(left)" -gt 60 ]; then
+  status "end-to-end training benchmark"
+  timeout $(( $(left) - 15 )) $PY -m benchmarks.e2e_train --out "$OUT/bench" 2>&1 | tail -20
+fi
+
+# At most 8 files come back: keep the JSON and logs at the top, pack the rest.
+[ -f "$OUT/bench/device-bench.json" ] && cp "$OUT/bench/device-bench.json" "$OUT/"
+[ -d "$OUT/bench" ] && tar czf "$OUT/bench-files.tgz" -C "$OUT/bench" . && rm -rf "$OUT/bench"
+status "summary (tests rc=$TEST_RC)"
+[ -f "$OUT/device-bench.json" ] && $PY tools/bench_summary.py "$OUT/device-bench.json"
+exit 0
