@@ -336,6 +336,18 @@ class GPT(nn.Module):
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def crop_block_size(self, block_size: int) -> None:
+        """Shorten the context (e.g. fine-tune GPT-2's 1024 at 256): keeps the first block_size
+        position embeddings."""
+        if not isinstance(block_size, int) or not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size: expected an int in [1, {self.config.block_size}], got {block_size!r}")
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+            self.transformer.wpe.num_embeddings = block_size
+        else:
+            self.pos_enc = self.pos_enc[:block_size].clone()
+
     # ---- Hugging Face GPT-2 checkpoints -------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dropout: float = 0.0) -> "GPT":
