@@ -210,8 +210,9 @@ def test_linear_ce_bad_input_and_chunk_default():
 # ---- CUDA kernels --------------------------------------------------------------------------
 
 def grad_tol(dtype):
-    # one rounding of the stored gradient + ex2.approx / lg2.approx (~2^-22 relative)
-    return max(elementwise_tol(dtype)[1], 4e-6)
+    # one rounding of the stored gradient; for fp32, the exponent's rounding (|x log2 e - lse log2 e| ~ 50
+    # carries ~4e-6 absolute) and ex2.approx (~2^-22 relative) in both ours and torch's softmax
+    return max(elementwise_tol(dtype)[1], 2e-5)
 
 
 CASES = [(1, 8), (7, 1000), (1000, 50257), (64, 50304), (7, 128256), (300, 4099)]

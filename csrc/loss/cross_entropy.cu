@@ -203,9 +203,9 @@ __global__ void __launch_bounds__(kCeThreads, 2) cross_entropy_rows_kernel(Cross
       log2_scale = -__log2f(n_valid);
     }
     const float c = m * kLog2e + log2_s - log2_scale;  // grad_i + [i == t] scale = 2^(x_i log2e - c)
-    const int t_body = ti - sp.head;
+    const int t_body = ti - sp.head;  // the target's index relative to the packs
 #pragma unroll
-    for (int j = 0; j < kCeCached; ++j) opaque(cache[j]);                // target's index relative to the packs
+    for (int j = 0; j < kCeCached; ++j) opaque(cache[j]);
     T* gb = gr + sp.head;
 #pragma unroll
     for (int j = 0; j < kCeCached; ++j) {
