@@ -155,6 +155,14 @@ def test_bad_input():
         GF.linear_act(x, torch.randn(8, 15))
 
 
+def test_unsupported_reasons():
+    bf = torch.randn(2, 16, dtype=torch.bfloat16)
+    assert mlp_ops._unsupported(True, bf, (16, 64, 16)) is None
+    assert "multiples of 8" in mlp_ops._unsupported(True, bf, (12, 64, 12))
+    assert "float32" in mlp_ops._unsupported(True, bf.float(), (16, 64, 16))
+    assert "not in this build" in mlp_ops._unsupported(False, bf, (16, 64, 16))
+
+
 def test_kernel_mode_on_cpu_raises():
     m = FusedMLP(8, 32)
     with gptkernels.backend("kernel"), pytest.raises(RuntimeError, match="CUDA tensors"):
@@ -319,6 +327,20 @@ def test_compile_fullgraph_cuda():
         y.sum().backward()
         y_e = m(x)
     torch.testing.assert_close(y, y_e)
+
+
+@pytest.mark.cuda
+def test_unsupported_shapes_and_fp32_fall_back_cuda():
+    """Feature sizes that are not multiples of 8, and float32, take the reference in auto mode and raise
+    a clear error in kernel mode."""
+    for c, dtype in [(12, torch.bfloat16), (64, torch.float32)]:
+        w1, b1, w2, b2 = make_params(c, 4 * c, c, dtype, "cuda")
+        x = torch.randn(5, c, device="cuda", dtype=dtype)
+        with pytest.warns(UserWarning, match="reference path"):
+            y = GF.mlp(x, w1, b1, w2, b2, "gelu")
+        torch.testing.assert_close(y, torch_mlp(x, w1, b1, w2, b2, "gelu"))
+        with gptkernels.backend("kernel"), pytest.raises(ValueError, match="does not support"):
+            GF.mlp(x, w1, b1, w2, b2, "gelu")
 
 
 @pytest.mark.cuda
