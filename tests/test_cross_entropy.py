@@ -355,3 +355,27 @@ def test_linear_ce_autocast_cuda():
     torch.testing.assert_close(loss, ref, atol=2e-2, rtol=2e-2)
     loss.backward()
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.cuda
+def test_small_shapes_for_sanitize():
+    """Tiny calls through every kernel and branch, for compute-sanitizer (device_check.sh --sanitize):
+    misaligned rows, heads and tails, ignored and bad rows, scalar and per-row rescaling, in-place
+    chunks of the linear cross-entropy."""
+    base = torch.randn(7 * 37 + 1, device="cuda", dtype=torch.bfloat16)
+    logits = base[1:].view(7, 37).requires_grad_()
+    t = torch.tensor([0, 36, -100, 5, 17, -100, 3], device="cuda")
+    with gptkernels.backend("kernel"):
+        for reduction in REDUCTIONS:
+            loss = GF.cross_entropy(logits, t, reduction=reduction)
+            loss.backward(torch.full_like(loss, 0.5))
+        ce_ops.set_target_check("off")
+        try:
+            assert GF.cross_entropy(logits.detach(), torch.tensor([0, 99, 1, 2, 3, 4, 5], device="cuda")).isnan()
+        finally:
+            ce_ops.set_target_check("sync")
+        x = torch.randn(5, 16, device="cuda", dtype=torch.float16, requires_grad=True)
+        w = torch.randn(37, 16, device="cuda", dtype=torch.float16, requires_grad=True)
+        b = torch.randn(37, device="cuda", dtype=torch.float16, requires_grad=True)
+        GF.linear_cross_entropy(x, w, t[:5], b, chunk_size=2).backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()

@@ -349,3 +349,16 @@ def test_cpu_cuda_mix_raises():
     w1, b1, w2, b2 = make_params(16, 64, 16)
     with pytest.raises(ValueError, match="is on cpu"):
         GF.mlp(torch.randn(4, 16, device="cuda"), w1, b1, w2, b2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ACTS)
+def test_small_shapes_for_sanitize(act):
+    """Tiny calls through every epilogue combination, for compute-sanitizer (device_check.sh --sanitize)."""
+    for bias in (True, False):
+        x = torch.randn(3, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w1, b1, w2, b2 = make_params(8, 128, 16, torch.bfloat16, "cuda", bias)
+        with gptkernels.backend("kernel"):
+            GF.mlp(x, w1, b1, w2, b2, act).float().sum().backward()
+            GF.linear_act(x, w1, b1, act).float().sum().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(w1.grad).all()
