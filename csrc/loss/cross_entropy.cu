@@ -109,6 +109,17 @@ __global__ void __launch_bounds__(kCeThreads, 2) cross_entropy_rows_kernel(Cross
     const RowSplit<T> sp(xr, V);
     const bool gvec = gr && ((reinterpret_cast<uintptr_t>(gr) & 15) == (reinterpret_cast<uintptr_t>(xr) & 15));
     const int64_t t = load_target(p.target, p.target_int64, row);
+    const T* xb = xr + sp.head;
+    // Issue the cached loads before branching on the target, so the target's latency overlaps theirs
+    // (ignored rows pay a read they do not need; they are rare).
+    Pack<T> cache[kCeCached];
+#pragma unroll
+    for (int j = 0; j < kCeCached; ++j) {
+      const int q = tid + j * kCeThreads;
+      if (q < sp.nbody) cache[j] = load16(xb + q * VEC);
+    }
+#pragma unroll
+    for (int j = 0; j < kCeCached; ++j) opaque(cache[j]);  // keeps the compiler from sinking the loads
     const bool ignored = t == p.ignore_index;
     if (ignored || t < 0 || t >= V) {  // uniform across the block
       if (tid == 0) p.losses[row] = ignored ? 0.f : __int_as_float(0x7fc00000);
@@ -120,20 +131,17 @@ __global__ void __launch_bounds__(kCeThreads, 2) cross_entropy_rows_kernel(Cross
         if (tid < sp.head) gr[tid] = from_float<T>(0.f);
         if (tid < sp.tail) gr[sp.tail0 + tid] = from_float<T>(0.f);
       }
-      continue;
+      continue;  // in place too: each thread zeroes only the packs it loaded itself, after loading them
     }
     const int ti = static_cast<int>(t);
     const float x_target = to_float(xr[ti]);  // read before the barrier that precedes any in-place write
-    const T* xb = xr + sp.head;
 
     // ---- pass 1: (max, sum exp) of this thread's elements ----
-    Pack<T> cache[kCeCached];
     float m = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kCeCached; ++j) {
       const int q = tid + j * kCeThreads;
       if (q < sp.nbody) {
-        cache[j] = load16(xb + q * VEC);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) m = fmaxf(m, to_float(cache[j].v[e]));
       }
