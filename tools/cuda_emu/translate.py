@@ -1,0 +1,457 @@
+"""translate.py: rewrite a plain-CUDA source file into C++ that g++ compiles against the CPU
+emulator (tools/cuda_emu/cuda_emu.h). The kernel files themselves are never edited: the build
+(tools/cuda_emu/build.py) translates a mirror of csrc/ into build/emu/src/ and compiles that.
+
+Rewrites (comments and string literals are left alone; every rewrite keeps the line count, and a
+`#line` directive keeps compiler messages and __FILE__ pointing at the original file):
+- `k<<<grid, block[, smem[, stream]]>>>(args)`  ->  `::gptk_emu::make_launcher(k, grid, block, ...)(args)`
+- `__shared__ T name[N]...;`  ->  a reference to per-block storage from ::gptk_emu::shared_var (one
+  heap allocation per declaration and block, poisoned, ASan-checked); `extern __shared__ T name[];`
+  -> a pointer to the launch's dynamic shared memory.
+- `__global__` function bodies get a first statement `::gptk_emu::kernel_entry(...)` (records the
+  kernel's name, checks `__launch_bounds__`).
+- `asm [volatile](...)` statements: the PTX instructions our kernels use are rewritten into calls of
+  their emulations (cuda_emu.h, namespace gptk_emu::ptx); anything else becomes a call that faults
+  at run time ("inline PTX that the emulator does not implement") and is listed in the report.
+
+Usage: python tools/cuda_emu/translate.py SRC.cu OUT.cpp
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TranslateError(Exception):
+    pass
+
+
+@dataclass
+class Report:
+    launches: int = 0
+    shared: int = 0
+    kernels: int = 0
+    asm: int = 0
+    unsupported_ptx: list = field(default_factory=list)
+
+
+# ---- lexing helpers ------------------------------------------------------------------------------
+
+def mask_code(src: str) -> str:
+    """src with comments and string/char literals replaced by spaces (newlines kept), so that
+    searches and bracket matching see code only. Same length as src."""
+    out = list(src)
+    i, n = 0, len(src)
+    while i < n:
+        c = src[i]
+        if c == "/" and i + 1 < n and src[i + 1] == "/":
+            j = src.find("\n", i)
+            j = n if j < 0 else j
+            for k in range(i, j):
+                out[k] = " "
+            i = j
+        elif c == "/" and i + 1 < n and src[i + 1] == "*":
+            j = src.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            for k in range(i, j):
+                if out[k] != "\n":
+                    out[k] = " "
+            i = j
+        elif c == '"' or (c == "'" and not (i > 0 and (src[i - 1].isalnum() and i + 1 < n and src[i + 1].isalnum()))):
+            q = c
+            j = i + 1
+            while j < n and src[j] != q:
+                j += 2 if src[j] == "\\" else 1
+            j = min(j + 1, n)
+            for k in range(i + 1, j - 1):  # keep the quotes, blank the contents
+                if out[k] != "\n":
+                    out[k] = " "
+            i = j
+        else:
+            i += 1
+    return "".join(out)
+
+
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+
+
+def match_forward(masked: str, i: int) -> int:
+    """Index just past the bracket that closes the one at masked[i]."""
+    stack = []
+    n = len(masked)
+    j = i
+    while j < n:
+        c = masked[j]
+        if c in _OPEN:
+            stack.append(_OPEN[c])
+        elif c in ")]}":
+            if not stack or stack.pop() != c:
+                raise TranslateError(f"unbalanced '{c}' at offset {j}")
+            if not stack:
+                return j + 1
+        j += 1
+    raise TranslateError(f"unclosed '{masked[i]}' at offset {i}")
+
+
+def split_top(text: str, masked: str, sep: str) -> list[str]:
+    """Split text at the top-level (outside brackets) occurrences of the one-character sep (a ':'
+    that is part of '::' does not count)."""
+    parts, depth, start = [], 0, 0
+    for j, c in enumerate(masked):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == sep and depth == 0:
+            if sep == ":" and ((j + 1 < len(masked) and masked[j + 1] == ":") or (j > 0 and masked[j - 1] == ":")):
+                continue
+            parts.append(text[start:j])
+            start = j + 1
+    parts.append(text[start:])
+    return parts
+
+
+def line_of(src: str, i: int) -> int:
+    return src.count("\n", 0, i) + 1
+
+
+def keep_lines(original: str, replacement: str) -> str:
+    """The replacement on one line, followed by as many newlines as the original spanned."""
+    return " ".join(replacement.split("\n")) + "\n" * original.count("\n")
+
+
+def squash(s: str) -> str:
+    return " ".join(s.split())
+
+
+# ---- inline PTX ------------------------------------------------------------------------------------
+
+@dataclass
+class Operand:
+    constraint: str
+    expr: str
+    output: bool
+
+
+def parse_asm(body: str, masked_body: str):
+    sections = split_top(body, masked_body, ":")
+    masked_sections = split_top(masked_body, masked_body, ":")
+    template = "".join(bytes(m, "utf-8").decode("unicode_escape") for m in re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0]))
+    operands: list[Operand] = []
+    for k, (sec, msec) in enumerate(zip(sections[1:3], masked_sections[1:3])):
+        if not sec.strip():
+            continue
+        for item, mitem in zip(split_top(sec, msec, ","), split_top(msec, msec, ",")):
+            m = re.match(r'\s*(?:\[\w+\]\s*)?"([^"]*)"\s*\((.*)\)\s*$', item, re.S)
+            if not m:
+                raise TranslateError(f"cannot parse asm operand {item.strip()!r}")
+            operands.append(Operand(m.group(1), squash(m.group(2)), k == 0))
+    return template, operands
+
+
+def normalize_ptx(t: str) -> str:
+    t = " ".join(t.replace(";", "; ").split())
+    t = re.sub(r"\s*([{},\[\]])\s*", r"\1", t)
+    t = t.replace(",", ", ").replace("{", "{ ").replace("}", " }").replace(";", "; ")
+    t = " ".join(t.split())
+    return t.rstrip("; ").strip()
+
+
+P = "::gptk_emu::ptx::"
+
+
+def _rd(op: Operand) -> str:
+    c = op.constraint.lstrip("=+&")
+    if c in ("r", "f"):
+        return f"{P}b32({op.expr})"
+    if c == "h":
+        return f"{P}b16({op.expr})"
+    if c == "l":
+        return f"{P}b64({op.expr})"
+    if c == "n":
+        return f"({op.expr})"
+    raise TranslateError(f"asm operand constraint {op.constraint!r} is not emulated")
+
+
+def _wr(op: Operand, bits: str) -> str:
+    c = op.constraint.lstrip("=+&")
+    if c in ("r", "f"):
+        return f"{P}set32({op.expr}, (uint32_t)({bits}))"
+    if c == "h":
+        return f"({op.expr}) = (unsigned short)({bits})"
+    raise TranslateError(f"asm output constraint {op.constraint!r} is not emulated")
+
+
+def _num(ops, s: str) -> Operand:
+    return ops[int(s.strip().lstrip("%"))]
+
+
+def _regs(ops, s: str) -> list[Operand]:
+    return [_num(ops, x) for x in s.split(",") if x.strip()]
+
+
+def emit_ptx(template: str, ops: list[Operand], report: Report, where: str) -> str:
+    t = normalize_ptx(template)
+    if t == "":
+        return "((void)0)"  # an optimisation barrier only (e.g. asm volatile("" : "+r"(x)))
+    m = re.fullmatch(r"ex2\.approx(\.ftz)?\.f32 %(\d+), %(\d+)", t)
+    if m:
+        return _wr(_num(ops, m[2]), f"{P}ex2({_rd(_num(ops, m[3]))}, {'true' if m[1] else 'false'})")
+    m = re.fullmatch(r"cvt\.f32\.(f16|bf16) %(\d+), %(\d+)", t)
+    if m:
+        return _wr(_num(ops, m[2]), f"{P}cvt_f32_{m[1]}((uint16_t){_rd(_num(ops, m[3]))})")
+    m = re.fullmatch(r"cvt\.rn\.(f16|bf16)\.f32 %(\d+), %(\d+)", t)
+    if m:
+        return _wr(_num(ops, m[2]), f"{P}cvt_rn_{m[1]}_f32({_rd(_num(ops, m[3]))})")
+    m = re.fullmatch(r"\{ \.reg \.b16 (\w+), (\w+); mov\.b32 \{ (\w+), (\w+) \}, %(\d+); cvt\.f32\.(f16|bf16) %(\d+), (\w+) \}", t)
+    if m and (m[3], m[4]) == (m[1], m[2]) and m[8] in (m[1], m[2]):
+        shift = 0 if m[8] == m[1] else 16
+        return _wr(_num(ops, m[7]), f"{P}cvt_f32_{m[6]}((uint16_t)({_rd(_num(ops, m[5]))} >> {shift}))")
+    m = re.fullmatch(r"(shl|shr|and|or|xor)\.(b32|u32) %(\d+), %(\d+), (0x[0-9a-fA-F]+|\d+|%\d+)", t)
+    if m:
+        rhs = _rd(_num(ops, m[5])) if m[5].startswith("%") else f"{m[5]}u"
+        sym = {"shl": "<<", "shr": ">>", "and": "&", "or": "|", "xor": "^"}[m[1]]
+        return _wr(_num(ops, m[3]), f"{_rd(_num(ops, m[4]))} {sym} {rhs}")
+    m = re.fullmatch(r"mov\.(b32|u32|f32) %(\d+), %(\d+)", t)
+    if m:
+        return _wr(_num(ops, m[2]), _rd(_num(ops, m[3])))
+    m = re.fullmatch(r"cp\.async\.(ca|cg)\.shared(?:::cta)?\.global(?:\.L2::\w+)? \[ ?%(\d+) ?\], \[ ?%(\d+) ?\], (\d+)(?:, %(\d+))?", t)
+    if m:
+        dst, src, size = _num(ops, m[2]), _num(ops, m[3]), int(m[4])
+        src_size = f"(int){_rd(_num(ops, m[5]))}" if m[5] else str(size)
+        return (f"::gptk_emu::cp_async({_rd(dst)}, (const void*)({src.expr}), {size}, {src_size}, "
+                f"__FILE__, __LINE__)")
+    if re.fullmatch(r"cp\.async\.commit_group", t):
+        return "::gptk_emu::cp_async_commit()"
+    m = re.fullmatch(r"cp\.async\.wait_group (%\d+|\d+)", t)
+    if m:
+        n = f"(int){_rd(_num(ops, m[1]))}" if m[1].startswith("%") else m[1]
+        return f"::gptk_emu::cp_async_wait({n})"
+    if re.fullmatch(r"cp\.async\.wait_all", t):
+        return "::gptk_emu::cp_async_wait(-1)"
+    m = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x(1|2|4)(\.trans)?\.shared(?:::cta)?\.b16 \{ ([^}]*) \}, \[ ?%(\d+) ?\]", t)
+    if m:
+        regs = _regs(ops, m[3])
+        if len(regs) != int(m[1]):
+            raise TranslateError(f"{where}: ldmatrix .x{m[1]} with {len(regs)} registers")
+        outs = ", ".join(r.expr for r in regs)
+        return (f"{P}ldmatrix_({m[1]}, {'true' if m[2] else 'false'}, {_rd(_num(ops, m[4]))}, __FILE__, __LINE__, "
+                f"{outs})")
+    m = re.fullmatch(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.(bf16|f16)\.f32 "
+                     r"\{ ([^}]*) \}, \{ ([^}]*) \}, \{ ([^}]*) \}, \{ ([^}]*) \}", t)
+    if m and m[1] == m[2]:
+        d, a, b, c = (_regs(ops, m[k]) for k in (3, 4, 5, 6))
+        if (len(d), len(a), len(b), len(c)) != (4, 4, 2, 4):
+            raise TranslateError(f"{where}: mma.m16n8k16 operand counts {len(d), len(a), len(b), len(c)}")
+        args = [x.expr for x in d] + [_rd(x) for x in a + b + c]
+        return f"{P}mma_m16n8k16_({'true' if m[1] == 'bf16' else 'false'}, {', '.join(args)}, __FILE__, __LINE__)"
+    report.unsupported_ptx.append(f"{where}: {t}")
+    esc = t.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{P}unsupported("{esc}", __FILE__, __LINE__)'
+
+
+# ---- the rewrites -----------------------------------------------------------------------------------
+
+def _asm_edits(src, masked, report, path):
+    edits = []
+    for m in re.finditer(r"\b(?:asm|__asm__)\b(?:\s+(?:volatile|__volatile__))?\s*\(", masked):
+        open_i = m.end() - 1
+        close_i = match_forward(masked, open_i)
+        body, mbody = src[open_i + 1:close_i - 1], masked[open_i + 1:close_i - 1]
+        where = f"{path}:{line_of(src, m.start())}"
+        template, ops = parse_asm(body, mbody)
+        report.asm += 1
+        code = emit_ptx(template, ops, report, where)
+        edits.append((m.start(), close_i, keep_lines(src[m.start():close_i], code)))
+    return edits
+
+
+_ALIGN_RE = re.compile(r"(?:__align__|alignas)\s*\(([^()]*)\)|__attribute__\s*\(\(\s*aligned\s*\(([^()]*)\)\s*\)\)")
+
+
+def _shared_edits(src, masked, report, path):
+    edits = []
+    for m in re.finditer(r"\b__shared__\b", masked):
+        start = m.start()
+        # `extern` / `static` right before it belong to the declaration
+        pre = re.search(r"((?:\b(?:extern|static)\s+)+)$", masked[:start])
+        is_extern = False
+        if pre:
+            is_extern = "extern" in pre.group(1)
+            start = pre.start(1)
+        end = start
+        depth = 0
+        while True:
+            if end >= len(masked):
+                raise TranslateError(f"{path}:{line_of(src, m.start())}: unterminated __shared__ declaration")
+            c = masked[end]
+            if c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+            elif c == ";" and depth == 0:
+                break
+            end += 1
+        decl = src[m.end():end]
+        align = None
+        am = _ALIGN_RE.search(decl)
+        if am:
+            align = (am.group(1) or am.group(2)).strip()
+            decl = decl[:am.start()] + " " + decl[am.end():]
+        decl = re.sub(r"\bstatic\b", " ", decl)
+        pieces = [p.strip() for p in split_top(decl, mask_code(decl), ",")]
+        where = f"{path}:{line_of(src, m.start())}"
+        first = re.fullmatch(r"(.*?[\w>*&\s])\s*\b(\w+)\s*((?:\[[^\]]*\]\s*)*)", pieces[0], re.S)
+        if not first or not first.group(1).strip():
+            raise TranslateError(f"{where}: cannot parse __shared__ declaration {squash(src[start:end])!r}")
+        ctype = squash(first.group(1))
+        decls = [(first.group(2), squash(first.group(3)))]
+        for p in pieces[1:]:
+            dm = re.fullmatch(r"(\w+)\s*((?:\[[^\]]*\]\s*)*)", p, re.S)
+            if not dm:
+                raise TranslateError(f"{where}: cannot parse __shared__ declarator {p!r}")
+            decls.append((dm.group(1), squash(dm.group(2))))
+        out = []
+        for name, dims in decls:
+            report.shared += 1
+            if is_extern:
+                if dims.replace(" ", "") != "[]":
+                    raise TranslateError(f"{where}: extern __shared__ {name} must be an array of unknown bound")
+                al = f"::std::max<size_t>({align}, alignof({ctype}))" if align else f"alignof({ctype})"
+                out.append(f"{ctype}* const {name} = static_cast<{ctype}*>(::gptk_emu::dynamic_shared({al}))")
+            else:
+                full = f"{ctype} {dims}".strip()
+                al = f"::std::max<size_t>({align}, alignof({full}))" if align else f"alignof({full})"
+                tag = f"gptk_emu_tag_{name}"
+                ref = f"{ctype} (&{name}){dims}" if dims else f"{ctype}& {name}"
+                ptr = f"{ctype}(*){dims}" if dims else f"{ctype}*"
+                out.append(f"static char {tag}; {ref} = *static_cast<{ptr}>(::gptk_emu::shared_var(&{tag}, "
+                           f"sizeof({full}), {al}, \"{name}\"))")
+        edits.append((start, end, keep_lines(src[start:end], "; ".join(out))))
+    return edits
+
+
+def _callee_start(masked: str, i: int) -> int:
+    """Start of the kernel expression that ends just before masked[i] ('<<<')."""
+    j = i - 1
+    while j >= 0 and masked[j].isspace():
+        j -= 1
+    if j >= 0 and masked[j] == ">":  # template arguments
+        depth = 0
+        while j >= 0:
+            c = masked[j]
+            if c == ">":
+                depth += 1
+            elif c == "<":
+                depth -= 1
+                if depth == 0:
+                    break
+            j -= 1
+        j -= 1
+        while j >= 0 and masked[j].isspace():
+            j -= 1
+    while j >= 0 and (masked[j].isalnum() or masked[j] in "_:"):
+        j -= 1
+    start = j + 1
+    if start >= i or not re.match(r"[\w:]", masked[start]):
+        raise TranslateError("cannot find the kernel of a <<<...>>> launch")
+    return start
+
+
+def _launch_edits(src, masked, report, path):
+    edits = []
+    for m in re.finditer(r"<<<", masked):
+        where = f"{path}:{line_of(src, m.start())}"
+        try:
+            start = _callee_start(masked, m.start())
+        except TranslateError as e:
+            raise TranslateError(f"{where}: {e}") from None
+        depth, j = 0, m.end()
+        while j < len(masked):
+            c = masked[j]
+            if c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+            elif depth == 0 and masked.startswith(">>>", j):
+                break
+            j += 1
+        else:
+            raise TranslateError(f"{where}: no '>>>' closes the launch")
+        callee = squash(src[start:m.start()])
+        cfg = squash(src[m.end():j])
+        report.launches += 1
+        edits.append((start, j + 3, keep_lines(src[start:j + 3], f"::gptk_emu::make_launcher({callee}, {cfg})")))
+    return edits
+
+
+def _kernel_edits(src, masked, report, path):
+    edits = []
+    for m in re.finditer(r"\b__global__\b", masked):
+        j = m.end()
+        bounds = None
+        while True:
+            nm = re.compile(r"\s*([A-Za-z_]\w*)\s*\(").search(masked, j)
+            if not nm:
+                raise TranslateError(f"{path}:{line_of(src, m.start())}: cannot find the kernel's parameter list")
+            open_i = nm.end() - 1
+            close_i = match_forward(masked, open_i)
+            if nm.group(1) == "__launch_bounds__":
+                bounds = src[open_i + 1:close_i - 1]
+                j = close_i
+                continue
+            if nm.group(1) in ("__attribute__", "alignas", "__align__", "__declspec"):
+                j = close_i
+                continue
+            break
+        k = close_i
+        while k < len(masked) and masked[k].isspace():
+            k += 1
+        if k >= len(masked) or masked[k] != "{":
+            continue  # a declaration
+        args = ["0", "0"]
+        if bounds is not None:
+            parts = [squash(p) for p in split_top(bounds, mask_code(bounds), ",")]
+            for idx, p in enumerate(parts[:2]):
+                args[idx] = f"(long long)({p})"
+        report.kernels += 1
+        edits.append((k + 1, k + 1, f" ::gptk_emu::kernel_entry(__PRETTY_FUNCTION__, {args[0]}, {args[1]});"))
+    return edits
+
+
+def translate(src: str, path: str) -> tuple[str, Report]:
+    """The emulator C++ for the CUDA source `src` (read from `path`)."""
+    report = Report()
+    masked = mask_code(src)
+    edits = []
+    for f in (_asm_edits, _shared_edits, _launch_edits, _kernel_edits):
+        edits += f(src, masked, report, path)
+    edits.sort(key=lambda e: e[0])
+    for a, b in zip(edits, edits[1:]):
+        if a[1] > b[0]:
+            raise TranslateError(f"{path}:{line_of(src, b[0])}: overlapping rewrites")
+    out = src
+    for s, e, text in reversed(edits):
+        out = out[:s] + text + out[e:]
+    assert out.count("\n") == src.count("\n")
+    return f'#line 1 "{path}"\n' + out, report
+
+
+def main(argv):
+    if len(argv) != 3:
+        print(__doc__)
+        return 2
+    src = Path(argv[1])
+    text, report = translate(src.read_text(), str(src.resolve()))
+    Path(argv[2]).write_text(text)
+    print(f"{src}: {report.kernels} kernels, {report.launches} launches, {report.shared} __shared__, "
+          f"{report.asm} asm ({len(report.unsupported_ptx)} not emulated)")
+    for u in report.unsupported_ptx:
+        print("  not emulated:", u)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
