@@ -11,6 +11,7 @@ from gptkernels import _backend
 # CUDA implementation in the built extension.
 KERNEL_OPS = {
     "bias_gelu / bias_relu": ["bias_act_fwd", "bias_act_bwd"],
+    "layer_norm / add_layer_norm": ["layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"],
 }
 
 
