@@ -34,19 +34,23 @@ def _normalized_shape(normalized_shape) -> tuple:
     return tuple(normalized_shape)
 
 
-# ---- references (fp32 math) ---------------------------------------------------------------
+# ---- references (fp32 math; float64 inputs are computed in float64, for tests) --------------
+
+def _math(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
 
 def layer_norm_fwd_ref(x: torch.Tensor, weight, bias, eps: float):
     """x: [..., C] -> (y [..., C] in x's dtype, mean [...] fp32, rstd [...] fp32)."""
-    xf = x.float()
+    xf = _math(x)
     mean = xf.mean(-1)
     var = (xf - mean.unsqueeze(-1)).pow(2).mean(-1)  # two-pass: no cancellation with a large mean
     rstd = torch.rsqrt(var + eps)
     y = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     if weight is not None:
-        y = y * weight.float()
+        y = y * _math(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + _math(bias)
     return y.to(x.dtype), mean, rstd
 
 
@@ -55,13 +59,13 @@ def layer_norm_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.Te
     """Gradients of layer_norm_fwd_ref: (dx, dweight or None, dbias), fp32 math. dbias = sum of dy
     over rows (the caller drops it when there is no bias). ds, the gradient reaching the input
     directly (add_layer_norm's s), is added to dx before rounding."""
-    xf, dyf = x.float(), dy.float()
+    xf, dyf = _math(x), _math(dy)
     xhat = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    g = dyf * weight.float() if weight is not None else dyf
+    g = dyf * _math(weight) if weight is not None else dyf
     c = xf.shape[-1]
     dx = rstd.unsqueeze(-1) * (g - g.sum(-1, keepdim=True) / c - xhat * (g * xhat).sum(-1, keepdim=True) / c)
     if ds is not None:
-        dx = dx + ds.float()
+        dx = dx + _math(ds)
     dw = (dyf * xhat).reshape(-1, c).sum(0).to(weight.dtype) if weight is not None else None
     db = dyf.reshape(-1, c).sum(0).to(weight.dtype if weight is not None else x.dtype)
     return dx.to(x.dtype), dw, db
@@ -69,7 +73,7 @@ def layer_norm_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.Te
 
 def add_layer_norm_fwd_ref(residual: torch.Tensor, x: torch.Tensor, weight, bias, eps: float):
     """(s, y, mean, rstd) with s = residual + x rounded to x's dtype and y = LayerNorm(s)."""
-    s = (residual.float() + x.float()).to(x.dtype)
+    s = (_math(residual) + _math(x)).to(x.dtype)
     y, mean, rstd = layer_norm_fwd_ref(s, weight, bias, eps)
     return s, y, mean, rstd
 
@@ -186,8 +190,9 @@ def add_layer_norm(residual: torch.Tensor, x: torch.Tensor, weight=None, bias=No
     check_same_device("x", x, "residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"x: expected the shape of residual {tuple(residual.shape)}, got {tuple(x.shape)}")
-    dtype = torch.result_type(residual, x)  # what residual + x gives
-    residual, x = residual.to(dtype), x.to(dtype)
+    if residual.dtype != x.dtype:  # cast both to what residual + x would give
+        dtype = torch.promote_types(residual.dtype, x.dtype)
+        residual, x = residual.to(dtype), x.to(dtype)
     _, weight, bias = _check_ln(residual, (residual.shape[-1],), weight, bias, "residual")
     cols = residual.shape[-1]
     if _backend.use_kernel("add_layer_norm", (residual, x, weight, bias), unsupported=_unsupported(cols)):
