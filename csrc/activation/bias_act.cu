@@ -22,6 +22,7 @@
 #include "activation/bias_act.h"
 #include "device.cuh"
 #include "static_switch.h"
+#include "words.cuh"
 
 #include <type_traits>
 
@@ -80,63 +81,15 @@ __device__ __forceinline__ float act_grad(float u) {
 template <typename T>
 constexpr bool kFastMath = !std::is_same_v<T, float>;
 
-// VEC elements of T at p: one 16-byte load (VEC = Pack<T>::N) or one scalar, kept as raw bits
-// until used (bf16/fp16 take half the registers of fp32 while loads are in flight; plain words
-// also keep the compiler from unpacking early). to_floats() unpacks.
-template <typename T, int VEC>
-struct Raw {
-  uint32_t w[VEC * sizeof(T) / 4 > 0 ? VEC * sizeof(T) / 4 : 1];
-};
-template <typename T, int VEC>
-__device__ __forceinline__ Raw<T, VEC> load_raw(const T* p) {
-  Raw<T, VEC> r;
-  if constexpr (VEC > 1) {
-    static_assert(VEC == Pack<T>::N, "vector accesses are whole 16-byte packs");
-    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
-    r.w[0] = q.x, r.w[1] = q.y, r.w[2] = q.z, r.w[3] = q.w;
-  } else if constexpr (sizeof(T) == 2) {
-    r.w[0] = __ldg(reinterpret_cast<const unsigned short*>(p));
-  } else {
-    r.w[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
-  }
-  return r;
-}
-template <typename T, int VEC>
-__device__ __forceinline__ void to_floats(const Raw<T, VEC>& r, float (&f)[VEC]) {
-  if constexpr (std::is_same_v<T, float>) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) f[j] = __uint_as_float(r.w[j]);
-  } else if constexpr (VEC == 1) {
-    const unsigned short b = (unsigned short)r.w[0];
-    if constexpr (std::is_same_v<T, __half>) f[0] = __half2float(__ushort_as_half(b));
-    else f[0] = __uint_as_float((uint32_t)b << 16);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC / 2; ++i) {
-      if constexpr (std::is_same_v<T, __half>) {
-        const float2 h = __half22float2(*reinterpret_cast<const __half2*>(&r.w[i]));
-        f[2 * i] = h.x, f[2 * i + 1] = h.y;
-      } else {  // bf16 is the top half of an fp32
-        f[2 * i] = __uint_as_float(r.w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(r.w[i] & 0xffff0000u);
-      }
-    }
-  }
-}
+// VEC elements of T at p: one 16-byte load (VEC = Pack<T>::N) or one scalar, held as raw words
+// until used (words.cuh).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float (&f)[VEC]) {
-  to_floats<T, VEC>(load_raw<T, VEC>(p), f);
+  to_floats(load_words<T, VEC>(p), f);
 }
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* p, const float (&f)[VEC]) {
-  if constexpr (VEC > 1) {
-    Pack<T> a;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) a.v[j] = from_float<T>(f[j]);
-    store_pack(p, a);
-  } else {
-    p[0] = from_float<T>(f[0]);
-  }
+  store_words(p, from_floats<T, VEC>(f));
 }
 
 // ---- forward -------------------------------------------------------------------------------
@@ -153,14 +106,14 @@ __global__ void __launch_bounds__(256, 4) bias_act_forward_kernel(const T* __res
   int64_t c = i % P;             // this pack's column (in packs), stepped below
   const int64_t step = stride % P;
   for (; i < total; i += kUnroll * stride) {
-    Raw<T, VEC> v[kUnroll], b[kUnroll];
+    Words<T, VEC> v[kUnroll], b[kUnroll];
     int64_t idx[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       idx[u] = i + u * stride;
       if (idx[u] < total) {
-        v[u] = load_raw<T, VEC>(x + idx[u] * VEC);
-        b[u] = load_raw<T, VEC>(bias + c * VEC);
+        v[u] = load_words<T, VEC>(x + idx[u] * VEC);
+        b[u] = load_words<T, VEC>(bias + c * VEC);
       }
       c += step;
       if (c >= P) c -= P;
@@ -169,8 +122,8 @@ __global__ void __launch_bounds__(256, 4) bias_act_forward_kernel(const T* __res
     for (int u = 0; u < kUnroll; ++u) {
       if (idx[u] < total) {
         float o[VEC], xf[VEC], bf[VEC];
-        to_floats<T, VEC>(v[u], xf);
-        to_floats<T, VEC>(b[u], bf);
+        to_floats(v[u], xf);
+        to_floats(b[u], bf);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) o[j] = act_fwd<A, kFast>(xf[j] + bf[j]);
         store_vec<T, VEC>(y + idx[u] * VEC, o);
@@ -201,13 +154,13 @@ __global__ void __launch_bounds__(kBwdRowThreads* kBwdColThreads, 3)
     float b[VEC];
     load_vec<T, VEC>(bias + c0, b);
     for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kUnroll * kBwdRowThreads) {
-      Raw<T, VEC> xv[kUnroll], gv[kUnroll];
+      Words<T, VEC> xv[kUnroll], gv[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t ru = r + u * kBwdRowThreads;
         if (ru < r_end) {
-          xv[u] = load_raw<T, VEC>(x + ru * cols + c0);
-          gv[u] = load_raw<T, VEC>(dy + ru * cols + c0);
+          xv[u] = load_words<T, VEC>(x + ru * cols + c0);
+          gv[u] = load_words<T, VEC>(dy + ru * cols + c0);
         }
       }
 #pragma unroll
@@ -215,8 +168,8 @@ __global__ void __launch_bounds__(kBwdRowThreads* kBwdColThreads, 3)
         const int64_t ru = r + u * kBwdRowThreads;
         if (ru < r_end) {
           float o[VEC], xf[VEC], gf[VEC];
-          to_floats<T, VEC>(xv[u], xf);
-          to_floats<T, VEC>(gv[u], gf);
+          to_floats(xv[u], xf);
+          to_floats(gv[u], gf);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             o[j] = gf[j] * act_grad<A, kFast>(xf[j] + b[j]);

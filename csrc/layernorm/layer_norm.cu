@@ -35,6 +35,7 @@
 #include "device.cuh"
 #include "layernorm/layer_norm.h"
 #include "static_switch.h"
+#include "words.cuh"
 
 namespace gptk {
 namespace {
@@ -48,48 +49,37 @@ static_assert(kMaxTpr * kMaxVpt * kUnit == kLayerNormMaxCols, "kLayerNormMaxCols
 
 // ---- units of 8 elements ----------------------------------------------------------------------
 
-// Loads the unit starting at column `col` of a row (p points at that column). The general path
-// reads only the columns < cols and leaves 0 in the rest.
+template <typename T>
+using Unit = Words<T, kUnit>;  // 8 elements as raw words (words.cuh)
+
+// What a thread holds of a unit: the raw words on the vectorised path; fp32 values on the general
+// path (its element loads would otherwise be reassembled into words).
 template <typename T, bool kVec>
-__device__ __forceinline__ void load_unit(const T* p, int col, int cols, float (&f)[kUnit]) {
+using Held = std::conditional_t<kVec, Unit<T>, Words<float, kUnit>>;
+
+// The unit starting at column `col` of a row (p points at that column). The general path reads
+// only the columns < cols and leaves 0 in the rest.
+template <typename T, bool kVec>
+__device__ __forceinline__ Held<T, kVec> load_unit_raw(const T* p, int col, int cols) {
   if constexpr (kVec) {
-    constexpr int N = Pack<T>::N;
-#pragma unroll
-    for (int h = 0; h < kUnit / N; ++h) {
-      const Pack<T> a = load_pack(p + h * N);
-#pragma unroll
-      for (int j = 0; j < N; ++j) f[h * N + j] = to_float(a.v[j]);
-    }
+    return load_words<T, kUnit>(p);
   } else {
+    Words<float, kUnit> r;
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j) f[j] = col + j < cols ? to_float(p[j]) : 0.f;
+    for (int j = 0; j < kUnit; ++j) r.w[j] = __float_as_uint(col + j < cols ? to_float(p[j]) : 0.f);
+    return r;
   }
 }
 
-// The same, kept in the storage type (half the registers of fp32 for bf16/fp16).
 template <typename T, bool kVec>
-__device__ __forceinline__ void load_unit_raw(const T* p, int col, int cols, T (&f)[kUnit]) {
-  if constexpr (kVec) {
-    constexpr int N = Pack<T>::N;
-#pragma unroll
-    for (int h = 0; h < kUnit / N; ++h) *reinterpret_cast<Pack<T>*>(f + h * N) = load_pack(p + h * N);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) f[j] = col + j < cols ? p[j] : from_float<T>(0.f);
-  }
+__device__ __forceinline__ void load_unit(const T* p, int col, int cols, float (&f)[kUnit]) {
+  to_floats(load_unit_raw<T, kVec>(p, col, cols), f);
 }
 
 template <typename T, bool kVec>
 __device__ __forceinline__ void store_unit(T* p, int col, int cols, const float (&f)[kUnit]) {
   if constexpr (kVec) {
-    constexpr int N = Pack<T>::N;
-#pragma unroll
-    for (int h = 0; h < kUnit / N; ++h) {
-      Pack<T> a;
-#pragma unroll
-      for (int j = 0; j < N; ++j) a.v[j] = from_float<T>(f[h * N + j]);
-      store_pack(p + h * N, a);
-    }
+    store_words(p, from_floats<T, kUnit>(f));
   } else {
 #pragma unroll
     for (int j = 0; j < kUnit; ++j)
@@ -106,21 +96,6 @@ __device__ __forceinline__ void load_weight(const T* weight, int col, int cols, 
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) w[j] = col < cols ? 1.f : 0.f;
   }
-}
-
-// A conversion the compiler cannot merge with an earlier identical one: values converted before
-// a reduction are converted again after it instead of being kept live in fp32 (bf16/fp16 take
-// half the registers of fp32).
-__device__ __forceinline__ float opaque_to_float(float v) { return v; }
-__device__ __forceinline__ float opaque_to_float(__half v) {
-  float f;
-  asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(__half_as_ushort(v)));
-  return f;
-}
-__device__ __forceinline__ float opaque_to_float(__nv_bfloat16 v) {
-  float f;
-  asm volatile("shl.b32 %0, %1, 16;" : "=f"(f) : "r"((unsigned)__bfloat16_as_ushort(v)));
-  return f;
 }
 
 // ---- row-group reduction ----------------------------------------------------------------------
@@ -199,9 +174,10 @@ __global__ void __launch_bounds__(kMaxTpr, kVec && VPT < 4 ? 2 : 1) layer_norm_f
         if (res != nullptr) {
           float r[kUnit];
           load_unit<T, kVec>(res + base + col, col, cols, r);
-          // s is rounded to the storage type: the statistics below and the backward see the same s.
 #pragma unroll
-          for (int j = 0; j < kUnit; ++j) v[k][j] = to_float(from_float<T>(v[k][j] + r[j]));
+          for (int j = 0; j < kUnit; ++j) r[j] += v[k][j];
+          // s is rounded to the storage type: the statistics below and the backward see the same s.
+          to_floats(from_floats<T, kUnit>(r), v[k]);
           store_unit<T, kVec>(s_out + base + col, col, cols, v[k]);
         }
 #pragma unroll
@@ -318,18 +294,18 @@ __global__ void __launch_bounds__(kMaxTpr) layer_norm_backward_kernel(const BwdP
     const int64_t base = row * cols;
     // x and dy stay in the storage type across the reduction (half the registers of fp32 for
     // bf16/fp16); the weight is re-read from L1 where it is needed.
-    T xr[VPT][kUnit], dyr[VPT][kUnit];
+    Held<T, kVec> xr[VPT], dyr[VPT];
     const float mean = row_ok ? p.mean[row] : 0.f;
     const float rstd = row_ok ? p.rstd[row] : 0.f;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int col = (t + k * tpr) * kUnit;
       if (row_ok && col < cols) {
-        load_unit_raw<T, kVec>(x + base + col, col, cols, xr[k]);
-        load_unit_raw<T, kVec>(dy + base + col, col, cols, dyr[k]);
+        xr[k] = load_unit_raw<T, kVec>(x + base + col, col, cols);
+        dyr[k] = load_unit_raw<T, kVec>(dy + base + col, col, cols);
       } else {
 #pragma unroll
-        for (int j = 0; j < kUnit; ++j) xr[k][j] = dyr[k][j] = from_float<T>(0.f);
+        for (int i = 0; i < Held<T, kVec>::kWords; ++i) xr[k].w[i] = dyr[k].w[i] = 0u;  // 0 in every dtype
       }
     }
     // Columns past the row (and rows past the end) have dy = 0, so they add nothing below.
@@ -337,12 +313,14 @@ __global__ void __launch_bounds__(kMaxTpr) layer_norm_backward_kernel(const BwdP
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int col = (t + k * tpr) * kUnit;
-      float w[kUnit];
+      float w[kUnit], xf[kUnit], df[kUnit];
       load_weight<T, kVec>(weight, col, cols, w);
+      to_floats(xr[k], xf);
+      to_floats(dyr[k], df);
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
-        const float xh = (to_float(xr[k][j]) - mean) * rstd;
-        const float gj = to_float(dyr[k][j]) * w[j];
+        const float xh = (xf[j] - mean) * rstd;
+        const float gj = df[j] * w[j];
         sums[0] += gj;
         sums[1] += gj * xh;
       }
@@ -359,7 +337,7 @@ __global__ void __launch_bounds__(kMaxTpr) layer_norm_backward_kernel(const BwdP
           float o[kUnit], w[kUnit], d[kUnit], xh[kUnit];
           // fp32 rows of 4 units per thread (vectorised, wider than 12288): holding x and dy
           // in registers across the reduction spilled; x is read again instead (an L1/L2 hit).
-          if constexpr (kReloadX) load_unit_raw<T, kVec>(x + base + col, col, cols, xr[k]);
+          if constexpr (kReloadX) xr[k] = load_unit_raw<T, kVec>(x + base + col, col, cols);
           load_weight<T, kVec>(weight, col, cols, w);
           if (ds != nullptr) {
             load_unit<T, kVec>(ds + base + col, col, cols, o);
@@ -367,10 +345,12 @@ __global__ void __launch_bounds__(kMaxTpr) layer_norm_backward_kernel(const BwdP
 #pragma unroll
             for (int j = 0; j < kUnit; ++j) o[j] = 0.f;
           }
+          // Converted again (not kept live in fp32 across the reduction: see words.cuh).
+          to_floats_opaque(dyr[k], d);
+          to_floats_opaque(xr[k], xh);
 #pragma unroll
           for (int j = 0; j < kUnit; ++j) {
-            d[j] = opaque_to_float(dyr[k][j]);
-            xh[j] = (opaque_to_float(xr[k][j]) - mean) * rstd;
+            xh[j] = (xh[j] - mean) * rstd;
             o[j] += rstd * (d[j] * w[j] - a - xh[j] * b);
           }
           store_unit<T, kVec>(dx + base + col, col, cols, o);
