@@ -91,12 +91,18 @@ def test_kernel_matches_fp32_reference(act, shape, dtype):
 
 
 @pytest.mark.cuda
-def test_kernel_writes_every_element():
-    x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
-    out = poison(torch.empty_like(x))
-    out.copy_(torch.ops.gptkernels.bias_act_fwd(x, b, "gelu_tanh"))
-    assert not out.isnan().any()
+@pytest.mark.parametrize("shape", [(37, 1000), (5, 1003), (4096, 3072)])
+def test_kernel_writes_every_element(shape):
+    """The ops allocate their outputs: fill the caching allocator's free blocks with NaN first, so
+    an element the kernel does not write reads back as NaN."""
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
+    poison(torch.empty(4 * x.numel() + 4096, device="cuda"))  # freed at once, reused by the op
+    y = torch.ops.gptkernels.bias_act_fwd(x, b, "gelu_tanh")
+    assert not y.isnan().any()
+    poison(torch.empty(4 * x.numel() + 4096, device="cuda"))
+    dx, db = torch.ops.gptkernels.bias_act_bwd(torch.randn_like(x), x, b, "gelu_tanh")
+    assert not dx.isnan().any() and not db.isnan().any()
 
 
 @pytest.mark.cuda
