@@ -97,11 +97,8 @@ def _as_tensors(out):
 
 
 def mode_fn(mode: str, forward: Callable, grad_inputs: list) -> Callable[[], object]:
-    if mode == "fwd":
-        def f():
-            with torch.no_grad() if not grad_inputs else _null():
-                return forward()
-        return f
+    if mode == "fwd":  # with grad-requiring inputs this records the autograd graph, as in training
+        return forward
     outs = [o for o in _as_tensors(forward()) if o.requires_grad]
     douts = [torch.randn_like(o) for o in outs]
     if mode == "bwd":
@@ -111,14 +108,6 @@ def mode_fn(mode: str, forward: Callable, grad_inputs: list) -> Callable[[], obj
         o = [t for t in _as_tensors(forward()) if t.requires_grad]
         return torch.autograd.grad(o, grad_inputs, douts)
     return fb
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---- running -----------------------------------------------------------------------------

@@ -56,3 +56,54 @@ def test_cli_info_runs():
     p = subprocess.run([sys.executable, "-m", "gptkernels", "info"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "extension gptkernels._C" in p.stdout
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA tensor on a machine without one (use_kernel only looks at is_cuda/device)."""
+    is_cuda = True
+    device = "cuda:0"
+
+
+def test_unsupported_call_on_gpu_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_backend, "EXT_LOADED", True)
+    monkeypatch.setattr(_backend, "_warned", set())
+    t = _FakeCudaTensor()
+    with pytest.warns(UserWarning, match="reference path .head_dim 96"):
+        assert not _backend.use_kernel("flash_attention", [t], "head_dim 96 is not compiled")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second identical fallback must not warn again
+        assert not _backend.use_kernel("flash_attention", [t], "head_dim 96 is not compiled")
+    assert _backend.use_kernel("flash_attention", [t, None], None)
+    with gptkernels.backend("kernel"), pytest.raises(ValueError, match="does not support this call: head_dim 96"):
+        _backend.use_kernel("flash_attention", [t], "head_dim 96 is not compiled")
+
+
+def test_gpu_without_extension_falls_back(monkeypatch):
+    monkeypatch.setattr(_backend, "EXT_LOADED", False)
+    monkeypatch.setattr(_backend, "EXT_ERROR", "No module named 'gptkernels._C'")
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="extension is not built"):
+        assert not _backend.use_kernel("layer_norm", [_FakeCudaTensor()])
+    with gptkernels.backend("kernel"), pytest.raises(RuntimeError, match="not built"):
+        _backend.use_kernel("layer_norm", [_FakeCudaTensor()])
+
+
+def test_benchmark_harness_smoke(tmp_path):
+    """The harness runs a case end to end on the CPU and writes JSON, CSV and a chart."""
+    import json
+    from benchmarks import harness
+
+    def factory():
+        x = torch.randn(64, 32, requires_grad=True)
+        return (lambda: torch.nn.functional.gelu(x)), [x]
+
+    case = harness.Case(op="smoke", name="N64", params={"N": 64}, providers={"torch": factory, "same": factory},
+                        modes=("fwd", "bwd", "fwd+bwd"), bytes=lambda mode: 2 * 64 * 32 * 4)
+    rows = harness.run_case(case, warmup=1, rep=3, log=lambda s: None)
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"} and all("gbps" in r for r in rows)
+    assert all(r["speedup_vs_torch"] > 0 for r in rows)
+    paths = harness.write_results(rows, str(tmp_path), "smoke")
+    d = json.load(open(paths["json"]))
+    assert d["env"]["torch"] == torch.__version__ and len(d["rows"]) == 6
+    assert os.path.getsize(paths["png:smoke"]) > 1000

@@ -6,9 +6,9 @@ import torch
 
 from gptkernels.ops.activation import bias_act
 from gptkernels.ops.attention import flash_attention, scaled_dot_product_attention
-from gptkernels.ops.cross_entropy import cross_entropy
+from gptkernels.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
-from gptkernels.ops.mlp import linear_act
+from gptkernels.ops.mlp import linear_act, mlp
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -24,4 +24,5 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["bias_gelu", "bias_relu", "layer_norm", "add_layer_norm", "scaled_dot_product_attention",
-           "flash_attention", "linear_act", "cross_entropy"]
+           "flash_attention", "linear_act", "cross_entropy",
+           "mlp", "linear_cross_entropy"]

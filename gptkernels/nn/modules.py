@@ -7,7 +7,7 @@ from torch import nn
 
 from gptkernels.ops.cross_entropy import REDUCTIONS, cross_entropy
 from gptkernels.ops.layernorm import _normalized_shape, layer_norm
-from gptkernels.ops.mlp import LINEAR_ACTIVATIONS, linear_act
+from gptkernels.ops.mlp import LINEAR_ACTIVATIONS, mlp
 
 
 class LayerNorm(nn.Module):
@@ -54,8 +54,9 @@ class FusedMLP(nn.Module):
         self.proj = nn.Linear(hidden_features, out_features or in_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x):
-        h = linear_act(x, self.fc.weight, self.fc.bias, self.activation)
-        return linear_act(h, self.proj.weight, self.proj.bias, "none")
+        # One op each way on the kernel path (torch.ops.gptkernels.mlp_fwd / mlp_bwd): the backward
+        # applies act' in the epilogue of the proj input-gradient GEMM (see gptkernels/ops/mlp.py).
+        return mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias, self.activation)
 
     def extra_repr(self):
         return f"activation={self.activation!r}"

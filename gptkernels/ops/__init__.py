@@ -3,8 +3,9 @@ reference implementation, autograd) and its dispatching entry point. Knows nothi
 gptkernels.nn builds on it."""
 from gptkernels.ops.activation import bias_act
 from gptkernels.ops.attention import flash_attention
-from gptkernels.ops.cross_entropy import cross_entropy
+from gptkernels.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
 from gptkernels.ops.mlp import linear_act
 
-__all__ = ["bias_act", "flash_attention", "cross_entropy", "layer_norm", "add_layer_norm", "linear_act"]
+__all__ = ["bias_act", "flash_attention", "cross_entropy", "layer_norm", "add_layer_norm", "linear_act",
+           "linear_cross_entropy"]
