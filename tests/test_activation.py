@@ -144,3 +144,19 @@ def test_compile_fullgraph_cuda():
 def test_cpu_cuda_mix_raises():
     with pytest.raises(ValueError, match="bias is on cpu"):
         GF.bias_gelu(torch.randn(4, 8, device="cuda"), torch.randn(8))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ACTS)
+def test_small_shapes_for_sanitize(act):
+    """Tiny calls through the vectorised and scalar paths of both kernels, for compute-sanitizer."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, cols in [(1, 1), (3, 7), (2, 8), (70, 16), (5, 1003)]:
+            x = torch.randn(rows, cols, device="cuda", dtype=dtype)
+            b = torch.randn(cols, device="cuda", dtype=dtype)
+            y = torch.ops.gptkernels.bias_act_fwd(x, b, act)
+            dx, db = torch.ops.gptkernels.bias_act_bwd(torch.ones_like(x), x, b, act)
+            atol, rtol = elementwise_tol(dtype)
+            assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), act), atol, rtol, "y")
+            assert_close(db, act_ops.bias_act_bwd_ref(torch.ones_like(x).float(), x.float(), b.float(), act)[1],
+                         0.05, 0.02, "dbias")

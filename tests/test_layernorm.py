@@ -531,3 +531,26 @@ def test_wide_rows_fall_back_to_reference():
     torch.testing.assert_close(y, F.layer_norm(x, (20000,)))
     with gptkernels.backend("kernel"), pytest.raises(ValueError, match="outside the kernel's range"):
         GF.layer_norm(x, (20000,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_shapes_for_sanitize(dtype):
+    """Tiny calls through every kernel configuration (units per thread 1..4, one warp and
+    multi-warp rows, vectorised and general paths, with and without residual / weight / bias /
+    ds), for compute-sanitizer (device_check.sh --sanitize)."""
+    for rows, c in [(1, 1), (3, 7), (2, 8), (5, 64), (3, 200), (2, 768), (2, 1000), (3, 1023), (2, 1032), (2, 4104),
+                    (1, 16384)]:
+        x = torch.randn(rows, c, device="cuda", dtype=dtype)
+        r = torch.randn_like(x)
+        w = torch.randn(c, device="cuda", dtype=dtype)
+        b = torch.randn(c, device="cuda", dtype=dtype)
+        y, mean, rstd = torch.ops.gptkernels.layer_norm_fwd(x, w, b, 1e-5)
+        _check_forward(x, w, b, y, mean, rstd)
+        s, y2, mean2, rstd2 = torch.ops.gptkernels.add_layer_norm_fwd(r, x, None, b, 1e-5)
+        _check_forward(s, None, b, y2, mean2, rstd2)
+        dy = torch.randn_like(x)
+        dx, dw, db = torch.ops.gptkernels.layer_norm_bwd(dy, x, w, mean, rstd, True, r)
+        _check_backward(dy, x, w, mean, rstd, dx, dw, db, ds=r)
+        dx, dw, db = torch.ops.gptkernels.layer_norm_bwd(dy, s, None, mean2, rstd2, False, None)
+        _check_backward(dy, s, None, mean2, rstd2, dx, dw, db, has_bias=False)
