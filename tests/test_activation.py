@@ -160,3 +160,17 @@ def test_small_shapes_for_sanitize(act):
             assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), act), atol, rtol, "y")
             assert_close(db, act_ops.bias_act_bwd_ref(torch.ones_like(x).float(), x.float(), b.float(), act)[1],
                          0.05, 0.02, "dbias")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gelu_extreme_inputs(dtype):
+    """GELU saturates exactly: -0 for very negative inputs, u for very positive ones (the bf16/fp16
+    path uses the sigmoid form u / (1 + e^-2z), which must not leave a tiny residue)."""
+    big = torch.finfo(dtype).max / 2
+    vals = [-big, -1e4, -100.0, -50.0, -10.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 10.0, 100.0, 1e4, big]
+    x = torch.tensor(vals, device="cuda").to(dtype).repeat(64, 1)
+    b = torch.zeros(x.shape[1], device="cuda", dtype=dtype)
+    for act in ("gelu_tanh", "gelu"):
+        y = torch.ops.gptkernels.bias_act_fwd(x, b, act)
+        assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), act), *elementwise_tol(dtype), act)

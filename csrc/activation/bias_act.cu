@@ -36,12 +36,12 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kUnroll = 4;
 
-// sigmoid(2z) = 0.5 (1 + tanh z) with the hardware exp2 and reciprocal (a few ulp). The exponent
-// is clamped so that 1 + e stays within __fdividef's range (for z < -43 the result is 0 to fp32
-// precision anyway).
+// sigmoid(2z) = 0.5 (1 + tanh z) with the hardware exp2 and reciprocal (a few ulp). Past
+// 2^126 (z < -43.7) it is exactly 0, as 1 + tanh z is in fp32, so u * sigmoid stays -0 for
+// very negative u (and NaN for u = -inf, as torch's formula gives).
 __device__ __forceinline__ float sigmoid2_fast(float z) {
-  const float e = exp2f(fminf(-2.f * kLog2e * z, 126.f));
-  return __fdividef(1.f, 1.f + e);
+  const float a = -2.f * kLog2e * z;
+  return a > 126.f ? 0.f : __fdividef(1.f, 1.f + exp2f(a));
 }
 
 template <Activation A, bool kFast>
