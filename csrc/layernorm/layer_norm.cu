@@ -8,9 +8,11 @@
 // - A row is split into units of 8 elements (one 16-byte load for bf16/fp16, two for fp32) and
 //   handled by a "row group" of TPR threads (a multiple of 32): thread t of the group holds units
 //   t, t + TPR, ..., t + (VPT-1) * TPR of the row in registers (VPT = units per thread, a template
-//   argument in 1..4). Rows up to 1024 bf16 elements get one warp (reductions are shuffles
-//   only); wider rows get several warps, reduced through shared memory. A block holds
-//   256 / TPR row groups (or one group of TPR > 256 threads), so small rows still fill 8 warps.
+//   argument in 1..4). Rows up to 1024 elements get one warp (768 in the fp32 backward), so
+//   the reductions are shuffles only; wider rows get several warps, reduced through shared
+//   memory. A block holds 256 / TPR row groups (or one group of TPR > 256 threads), so small
+//   rows still fill 8 warps. Loaded data is held as raw words (words.cuh): half the registers of
+//   fp32 for bf16/fp16.
 // - Statistics are two-pass over the registers (mean, then the sum of squared deviations), of the
 //   row shifted by its first element, so a large common offset (1e4 + randn) costs no precision
 //   to cancellation or to the size of the sums. All math in fp32. (The backward uses the stored
@@ -19,9 +21,10 @@
 //   aligned. General path (any cols, any element alignment): the same layout, element loads
 //   with bounds checks.
 // - Forward: one row per row group, blocks in a grid-stride loop (rows are 64-bit).
-// - Backward: a persistent grid (as many blocks as fit on the GPU). The weight lives in
-//   registers for the whole kernel (each thread always owns the same columns); per row the
-//   group reduces sum(g) and sum(g * xhat) and writes dx. dweight/dbias partials accumulate in
+// - Backward: a persistent grid (as many blocks as fit on the GPU); each thread always owns the
+//   same columns. Per row the group reduces sum(g) and sum(g * xhat) (g = dy * weight, the
+//   weight re-read from L1) and writes dx; x and dy stay in registers as raw words across the
+//   reduction and are converted again after it. dweight/dbias partials accumulate in
 //   fp32 in shared memory, one slice per row group, each thread touching only its own columns
 //   (no atomics, no races). At the end the block adds its row groups' slices in a fixed order
 //   and writes one fp32 partial row; a second kernel adds the blocks' rows in a fixed order.
