@@ -15,6 +15,7 @@ KERNEL_OPS = {
     "FusedMLP / mlp": ["mlp_fwd", "mlp_bwd"],
     "cross_entropy": ["cross_entropy_fwd", "cross_entropy_scale_grad_"],
     "linear_cross_entropy": ["linear_cross_entropy_fwd", "cross_entropy_scale_grad_"],
+    "layer_norm / add_layer_norm": ["layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"],
 }
 
 

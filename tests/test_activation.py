@@ -91,12 +91,18 @@ def test_kernel_matches_fp32_reference(act, shape, dtype):
 
 
 @pytest.mark.cuda
-def test_kernel_writes_every_element():
-    x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
-    out = poison(torch.empty_like(x))
-    out.copy_(torch.ops.gptkernels.bias_act_fwd(x, b, "gelu_tanh"))
-    assert not out.isnan().any()
+@pytest.mark.parametrize("shape", [(37, 1000), (5, 1003), (4096, 3072)])
+def test_kernel_writes_every_element(shape):
+    """The ops allocate their outputs: fill the caching allocator's free blocks with NaN first, so
+    an element the kernel does not write reads back as NaN."""
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
+    poison(torch.empty(4 * x.numel() + 4096, device="cuda"))  # freed at once, reused by the op
+    y = torch.ops.gptkernels.bias_act_fwd(x, b, "gelu_tanh")
+    assert not y.isnan().any()
+    poison(torch.empty(4 * x.numel() + 4096, device="cuda"))
+    dx, db = torch.ops.gptkernels.bias_act_bwd(torch.randn_like(x), x, b, "gelu_tanh")
+    assert not dx.isnan().any() and not db.isnan().any()
 
 
 @pytest.mark.cuda
@@ -138,3 +144,33 @@ def test_compile_fullgraph_cuda():
 def test_cpu_cuda_mix_raises():
     with pytest.raises(ValueError, match="bias is on cpu"):
         GF.bias_gelu(torch.randn(4, 8, device="cuda"), torch.randn(8))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ACTS)
+def test_small_shapes_for_sanitize(act):
+    """Tiny calls through the vectorised and scalar paths of both kernels, for compute-sanitizer."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, cols in [(1, 1), (3, 7), (2, 8), (70, 16), (5, 1003)]:
+            x = torch.randn(rows, cols, device="cuda", dtype=dtype)
+            b = torch.randn(cols, device="cuda", dtype=dtype)
+            y = torch.ops.gptkernels.bias_act_fwd(x, b, act)
+            dx, db = torch.ops.gptkernels.bias_act_bwd(torch.ones_like(x), x, b, act)
+            atol, rtol = elementwise_tol(dtype)
+            assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), act), atol, rtol, "y")
+            assert_close(db, act_ops.bias_act_bwd_ref(torch.ones_like(x).float(), x.float(), b.float(), act)[1],
+                         0.05, 0.02, "dbias")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gelu_extreme_inputs(dtype):
+    """GELU saturates exactly: -0 for very negative inputs, u for very positive ones (the bf16/fp16
+    path uses the sigmoid form u / (1 + e^-2z), which must not leave a tiny residue)."""
+    big = torch.finfo(dtype).max / 2
+    vals = [-big, -1e4, -100.0, -50.0, -10.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 10.0, 100.0, 1e4, big]
+    x = torch.tensor(vals, device="cuda").to(dtype).repeat(64, 1)
+    b = torch.zeros(x.shape[1], device="cuda", dtype=dtype)
+    for act in ("gelu_tanh", "gelu"):
+        y = torch.ops.gptkernels.bias_act_fwd(x, b, act)
+        assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), act), *elementwise_tol(dtype), act)
