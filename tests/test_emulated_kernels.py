@@ -95,7 +95,78 @@ def _activation_cases():
     return cases
 
 
-CASES = _activation_cases()
+def _layernorm_cases():
+    cases = []
+    variants = [("wb", False, True, True), ("add-wb", True, True, True), ("none", False, False, False),
+                ("w", False, True, False), ("add-none", True, False, False)]
+    k = 0
+    for dt in DTYPES:
+        for cols in [1, 7, 8, 1000, 1023, 1024, 1025, 2056, 4096]:
+            rows = [1, 3, 37][k % 3]
+            name, res, w, b = variants[k % len(variants)]
+            k += 1
+            cases.append(Case(f"layer_norm-{dt}-{name}-{rows}x{cols}", "layernorm", "run_layer_norm",
+                              dict(dtype=dt, rows=rows, cols=cols, residual=res, weight=w, bias=b)))
+        cases.append(Case(f"layer_norm-{dt}-add-wb-9x1024-misaligned", "layernorm", "run_layer_norm",
+                          dict(dtype=dt, rows=9, cols=1024, residual=True, offset=1)))
+        cases.append(Case(f"layer_norm-{dt}-wb-2x16384", "layernorm", "run_layer_norm",
+                          dict(dtype=dt, rows=2, cols=16384)))
+    cases += [
+        Case("layer_norm-fp32-wb-2x12288", "layernorm", "run_layer_norm", dict(dtype="fp32", rows=2, cols=12288)),
+        Case("layer_norm-fp32-wb-37x1000-offset1e4", "layernorm", "run_layer_norm",
+             dict(dtype="fp32", rows=37, cols=1000, mean_offset=1e4)),
+        Case("layer_norm-bf16-wb-0x64", "layernorm", "run_layer_norm", dict(dtype="bf16", rows=0, cols=64)),
+        Case("layer_norm-bf16-add-wb-300x64-sms1", "layernorm", "run_layer_norm",
+             dict(dtype="bf16", rows=300, cols=64, residual=True), sms=1),
+        Case("layer_norm-fp16-wb-300x1000-sms132", "layernorm", "run_layer_norm",
+             dict(dtype="fp16", rows=300, cols=1000), sms=132),
+        Case("layer_norm-fp32-wb-70x2056-reverse", "layernorm", "run_layer_norm",
+             dict(dtype="fp32", rows=70, cols=2056), thread_order=1, block_order=1),
+        Case("layer_norm-bf16-add-w-70x2056-shuffled", "layernorm", "run_layer_norm",
+             dict(dtype="bf16", rows=70, cols=2056, residual=True, bias=False), thread_order=2, block_order=2),
+    ]
+    return cases
+
+
+def _cross_entropy_cases():
+    cases = []
+    C = "cross_entropy"
+    for dt in DTYPES:
+        cases += [
+            Case(f"ce-{dt}-mean-1x8", C, "run_cross_entropy", dict(dtype=dt, rows=1, vocab=8)),
+            Case(f"ce-{dt}-none-7x1000-int32", C, "run_cross_entropy",
+                 dict(dtype=dt, rows=7, vocab=1000, reduction="none", target64=False)),
+            Case(f"ce-{dt}-sum-5x1023-ld1028", C, "run_cross_entropy",
+                 dict(dtype=dt, rows=5, vocab=1023, reduction="sum", ld_pad=5)),
+            Case(f"ce-{dt}-mean-3x4099-misaligned-ignore7", C, "run_cross_entropy",
+                 dict(dtype=dt, rows=3, vocab=4099, offset=1, ignore_index=7)),
+            Case(f"ce-{dt}-mean-2x50257", C, "run_cross_entropy", dict(dtype=dt, rows=2, vocab=50257)),
+            Case(f"ce-{dt}-mean-6x1000-inplace-badtargets", C, "run_cross_entropy",
+                 dict(dtype=dt, rows=6, vocab=1000, inplace=True, bad_targets=True)),
+            Case(f"ce-{dt}-sum-3x7-lossonly", C, "run_cross_entropy",
+                 dict(dtype=dt, rows=3, vocab=7, reduction="sum", grad=False)),
+        ]
+    cases += [
+        Case("ce-fp32-mean-5x1", C, "run_cross_entropy", dict(dtype="fp32", rows=5, vocab=1)),
+        Case("ce-fp32-mean-6x1000-all-ignored", C, "run_cross_entropy",
+             dict(dtype="fp32", rows=6, vocab=1000, all_ignored=True)),
+        Case("ce-fp16-sum-0x100-empty", C, "run_cross_entropy", dict(dtype="fp16", rows=0, vocab=100, reduction="sum")),
+        Case("ce-bf16-mean-0x100-empty", C, "run_cross_entropy", dict(dtype="bf16", rows=0, vocab=100)),
+        Case("ce-fp32-mean-300x64-sms1", C, "run_cross_entropy", dict(dtype="fp32", rows=300, vocab=64), sms=1),
+        Case("ce-bf16-none-300x72-sms132", C, "run_cross_entropy",
+             dict(dtype="bf16", rows=300, vocab=72, reduction="none", bad_targets=True), sms=132),
+        Case("ce-bf16-mean-2x50257-reverse", C, "run_cross_entropy", dict(dtype="bf16", rows=2, vocab=50257),
+             thread_order=1, block_order=1),
+        Case("ce-fp16-mean-4x3000-inplace-shuffled", C, "run_cross_entropy",
+             dict(dtype="fp16", rows=4, vocab=3000, inplace=True, ld_pad=3), thread_order=2, block_order=2),
+        # row offsets past 2^31 elements (4 GiB of address space, only the rows touched): 64-bit indexing
+        Case("ce-bf16-mean-3x1000-ld2^30-inplace", C, "run_cross_entropy",
+             dict(dtype="bf16", rows=3, vocab=1000, huge_ld=2**30 + 8, inplace=True)),
+    ]
+    return cases
+
+
+CASES = _activation_cases() + _layernorm_cases() + _cross_entropy_cases()
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
 
@@ -242,6 +313,173 @@ def run_bias_act(lib, dtype, act, rows, cols, offset=0):
         n = 16 // x.element_size()
         assert_path(lib, r"bias_act_forward", cols % n == 0 and aligned16(x, b, y))
         assert_path(lib, r"bias_act_backward", cols % n == 0 and aligned16(dy, x, b, dx))
+
+
+# ---- layernorm ------------------------------------------------------------------------------------------------
+
+def run_layer_norm(lib, dtype, rows, cols, residual=False, weight=True, bias=True, offset=0, eps=1e-5,
+                   mean_offset=0.0):
+    import test_layernorm as tl  # the bounds the CUDA tests use (float64 reference, dtype-derived)
+
+    dt = DTYPES[dtype]
+    code = DTYPE_CODE[dt]
+    g = torch.Generator().manual_seed(rows * 7919 + cols)
+    x = buffer((rows, cols), dt, offset, g, scale=2.0)
+    if mean_offset:
+        x += mean_offset
+    r = buffer((rows, cols), dt, offset, g) if residual else None
+    w = buffer((cols,), dt, offset, g) if weight else None
+    b = buffer((cols,), dt, offset, g) if bias else None
+    y = buffer((rows, cols), dt, offset, fill="nan")
+    s = buffer((rows, cols), dt, offset, fill="nan") if residual else None
+    mean = buffer((rows,), torch.float32, fill="nan")
+    rstd = buffer((rows,), torch.float32, fill="nan")
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    fwd = bind(lib, "emu_layer_norm_forward", ctypes.c_int, *[vp] * 8, i64, i64, ctypes.c_float, ctypes.c_int)
+    wsz = bind(lib, "emu_layer_norm_backward_workspace", i64, i64, i64, ctypes.c_int, ctypes.c_int)
+    bwd = bind(lib, "emu_layer_norm_backward", ctypes.c_int, *[vp] * 9, i64, i64, ctypes.c_int, vp)
+    check(lib, fwd(ptr(x), ptr(r), ptr(w), ptr(b), ptr(y), ptr(s), ptr(mean), ptr(rstd), rows, cols, eps, code),
+          "layer_norm_forward")
+    xin = x
+    if residual:
+        assert torch.equal(s, r + x), "s must be residual + x rounded once to the storage type"
+        xin = s
+    dy = buffer((rows, cols), dt, offset, g)
+    ds = buffer((rows, cols), dt, offset, g) if residual else None
+    dx = buffer((rows, cols), dt, offset, fill="nan")
+    dw = buffer((cols,), dt, offset, fill="nan") if weight else torch.empty(0, dtype=dt)
+    db = buffer((cols,), dt, offset, fill="nan") if bias else torch.empty(0, dtype=dt)
+    ws = torch.empty(wsz(rows, cols, code, int(weight or bias)), dtype=torch.uint8)  # exactly what it asks for
+    check(lib, bwd(ptr(dy), ptr(xin), ptr(w), ptr(mean), ptr(rstd), ptr(ds), ptr(dx), ptr(dw if weight else None),
+                   ptr(db if bias else None), rows, cols, code, ptr(ws)), "layer_norm_backward")
+    if rows == 0:
+        assert not launches(lib), "no kernel should run for zero rows"
+        for t in (dw, db):
+            assert bool((t == 0).all()), "the parameter gradients of an empty batch are zero"
+        return
+    tl._check_forward(xin, w, b, y, mean, rstd, eps)
+    tl._check_backward(dy, xin, w, mean, rstd, dx, dw, db, ds, has_bias=bias)
+    vec_ok = cols % 8 == 0
+    assert_path(lib, r"layer_norm_forward", vec_ok and aligned16(x, r, w, b, y, s))
+    assert_path(lib, r"layer_norm_backward", vec_ok and aligned16(dy, xin, w, ds, dx))
+
+
+# ---- cross-entropy ------------------------------------------------------------------------------------------------
+
+CE_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+def huge_rows(rows, cols, ld, dtype):
+    """[rows, cols] with row stride ld elements in a lazily committed anonymous mapping (rows * ld
+    may exceed 2^31: only the touched pages cost memory). Returns (tensor, mapping) or None."""
+    import mmap
+
+    nbytes = ((rows - 1) * ld + cols) * torch.tensor([], dtype=dtype).element_size()
+    try:
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+    except (OSError, ValueError, OverflowError):
+        return None
+    flat = torch.frombuffer(mm, dtype=torch.uint8).view(dtype)
+    return flat.as_strided((rows, cols), (ld, 1)), mm
+
+
+def run_cross_entropy(lib, dtype, rows, vocab, reduction="mean", target64=True, ignore_index=-100, ld_pad=0,
+                      offset=0, inplace=False, grad=True, bad_targets=False, all_ignored=False, huge_ld=0):
+    import test_cross_entropy as tce  # grad_tol: the tolerance the CUDA tests use
+    import importlib
+
+    ref = importlib.import_module("gptkernels.ops.cross_entropy")  # (the package exports a function of that name)
+    dt = DTYPES[dtype]
+    code = DTYPE_CODE[dt]
+    g = torch.Generator().manual_seed(rows * 31 + vocab)
+    ld = huge_ld or vocab + ld_pad
+    keep = None
+    if huge_ld:
+        made = huge_rows(rows, vocab, ld, dt)
+        if made is None:
+            pytest.skip("cannot map 4 GiB of address space lazily here")
+        logits, keep = made
+        logits.copy_(torch.randn(rows, vocab, generator=g) * 4)
+    else:
+        store = buffer((rows * ld,) if rows else (0,), dt, offset, g, scale=4.0)
+        logits = store[: max(rows - 1, 0) * ld + vocab].as_strided((rows, vocab), (ld, 1)) if rows else store.view(0, vocab)
+    x0 = logits.clone()  # the logits as they were (in-place runs overwrite them)
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    if rows:
+        t[::4] = ignore_index
+        if bad_targets:
+            t[1::5] = vocab + 3
+            t[2::5] = -5 if ignore_index != -5 else -6
+        if all_ignored:
+            t[:] = ignore_index
+    t = t.to(torch.int64 if target64 else torch.int32)
+    tbuf = buffer(tuple(t.shape), t.dtype, 0, fill=None)
+    tbuf.copy_(t)
+    status = buffer((3,), torch.int64, fill="nan")
+    losses = buffer((rows,), torch.float32, fill="nan")
+    if not grad:
+        gr, g_ld = None, 0
+    elif inplace:
+        gr, g_ld = logits, ld
+    else:
+        gr, g_ld = buffer((rows, vocab), dt, offset, fill="nan"), vocab
+    vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    prep = bind(lib, "emu_ce_prepare", ci, vp, ci, i64, i64, i64, vp)
+    rows_fn = bind(lib, "emu_ce_rows", ci, vp, i64, vp, i64, vp, ci, vp, vp, i64, i64, i64, ci, ci)
+    red_fn = bind(lib, "emu_ce_reduce", ci, vp, i64, vp, ci, vp)
+    scale_fn = bind(lib, "emu_ce_scale_rows", ci, vp, i64, i64, i64, vp, ci, ci)
+    add_fn = bind(lib, "emu_ce_add_f32", ci, vp, vp, i64)
+    lp = ctypes.c_void_p(logits.data_ptr())
+    gp = ctypes.c_void_p(gr.data_ptr()) if gr is not None else ctypes.c_void_p(0)
+    check(lib, prep(ptr(tbuf), int(target64), rows, vocab, ignore_index, ptr(status)), "cross_entropy_prepare")
+    check(lib, rows_fn(lp, ld, gp, g_ld, ptr(tbuf), int(target64), ptr(losses), ptr(status), rows, vocab, ignore_index,
+                       CE_REDUCTION[reduction], code), "cross_entropy_rows")
+    out = buffer((1,), torch.float32, fill="nan")
+    if reduction != "none":
+        check(lib, red_fn(ptr(losses), rows, ptr(status), int(reduction == "mean"), ptr(out)), "cross_entropy_reduce")
+
+    loss_ref, grad_ref, status_ref = ref._ce_rows_ref(x0, t, ignore_index, reduction, grad)
+    assert status.tolist() == status_ref.tolist(), f"status {status.tolist()} != {status_ref.tolist()}"
+    assert_rows = dict(atol=2e-5 * max(1.0, loss_ref.nan_to_num().abs().max().item() if rows else 1.0), rtol=2e-5,
+                       equal_nan=True)
+    torch.testing.assert_close(losses, loss_ref, **assert_rows)
+    if reduction != "none":
+        red_ref = ref._reduce_ref(loss_ref, status_ref, reduction)
+        torch.testing.assert_close(out[0], red_ref.float(), atol=2e-5 * max(1.0, abs(red_ref.nan_to_num().item())),
+                                   rtol=2e-5 + reduction_tol(torch.float32, rows), equal_nan=True)
+    if grad and rows:
+        rtol = tce.grad_tol(dt)
+        # As the CUDA tests (rtol = grad_tol, atol = rtol * max|grad| * 1e-3), plus, at each valid row's
+        # target, rtol * the gradient's factor: there grad = p * f - f cancels (exactly 0 with vocab 1),
+        # and the error of p ~ 1 is relative to f, not to the difference.
+        factor = 1.0 / max(int(status_ref[0]), 1) if reduction == "mean" else 1.0
+        scale = grad_ref.abs().max().item()
+        bound = rtol * grad_ref.abs() + rtol * scale * 1e-3
+        valid = (t.long() >= 0) & (t.long() < vocab)
+        bound[valid.nonzero()[:, 0], t.long()[valid]] += rtol * factor
+        assert_bounded(gr.float(), grad_ref, bound, "grad")
+        # backward: rescale rows by an upstream gradient (rows whose factor is exactly 1 are untouched)
+        before = gr.clone()
+        f = torch.rand(rows, generator=g) + 0.5
+        f[::3] = 1.0
+        fb = buffer((rows,), torch.float32, fill=None)
+        fb.copy_(f)
+        check(lib, scale_fn(gp, g_ld, rows, vocab, ptr(fb), 1, code), "scale_rows")
+        want = (before.float() * f[:, None]).to(dt)
+        assert torch.equal(gr, want), "scale_rows: grad * scale rounded once (rows with scale 1 untouched)"
+        f1 = buffer((1,), torch.float32, fill=None)
+        f1.fill_(0.25)
+        check(lib, scale_fn(gp, g_ld, rows, vocab, ptr(f1), 0, code), "scale_rows (one factor)")
+        assert torch.equal(gr, (want.float() * 0.25).to(dt)), "scale_rows with a single factor"
+    n = rows * 37 + 3
+    a = buffer((n,), torch.float32, 0, g)
+    bb = buffer((n,), torch.float32, 0, g)
+    want_sum = a + bb
+    check(lib, add_fn(ptr(a), ptr(bb), n), "add_f32")
+    assert torch.equal(a, want_sum), "add_f32"
+    if rows:
+        assert_path(lib, r"cross_entropy_rows", True)  # (one kernel: the path is chosen per row inside)
+    del keep
 
 
 # ---- the worker ------------------------------------------------------------------------------------------------

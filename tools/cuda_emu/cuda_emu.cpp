@@ -2,7 +2,8 @@
 // it proves). Linked into every emulated kernel library.
 //
 // - A launch runs its blocks one after another (forward, reverse or seeded-shuffled block order).
-// - The threads of a block are fibers (ucontext) on the calling OS thread. The scheduler sweeps
+// - The threads of a block are fibers on the calling OS thread (a small assembly context switch on
+//   x86-64, ucontext elsewhere or with -DGPTK_EMU_UCONTEXT). The scheduler sweeps
 //   the threads in the configured order (forward / reverse / shuffled) and runs each ready thread
 //   until it waits (block barrier, warp collective) or exits. No progress while threads remain
 //   is a deadlock, reported as a kernel fault with the places the threads wait at.
@@ -23,6 +24,47 @@
 #include <set>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) && !defined(GPTK_EMU_UCONTEXT)
+#define GPTK_EMU_ASM_SWITCH 1
+// gptk_emu_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control word on
+// the current stack, stores the stack pointer in *save, and resumes the context whose stack
+// pointer is `to` (no signal-mask system call, unlike swapcontext).
+extern "C" void gptk_emu_switch(void** save, void* to);
+asm(R"(
+  .text
+  .globl gptk_emu_switch
+  .hidden gptk_emu_switch
+  .type gptk_emu_switch, @function
+gptk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size gptk_emu_switch, .-gptk_emu_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+#else
+#define GPTK_EMU_ASM_SWITCH 0
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -77,7 +119,11 @@ struct CpOp {
 };
 
 struct Thread {
+#if GPTK_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
   ucontext_t uc;
+#endif
   char* stack = nullptr;
   St st = St::Exited;
   uint3 tid{0, 0, 0};
@@ -129,7 +175,11 @@ std::vector<Thread> g_threads;  // fiber pool (stacks kept between launches)
 Launch* g_launch = nullptr;
 Block* g_block = nullptr;
 Thread* g_cur = nullptr;
+#if GPTK_EMU_ASM_SWITCH
+void* g_sched_sp = nullptr;
+#else
 ucontext_t g_sched_uc;
+#endif
 void* g_sched_fake = nullptr;
 const void* g_main_bottom = nullptr;
 size_t g_main_size = 0;
@@ -170,7 +220,11 @@ void switch_to(Thread* t) {
 #if GPTK_EMU_ASAN
   __sanitizer_start_switch_fiber(&g_sched_fake, t->stack, g_cfg.stack_bytes);
 #endif
+#if GPTK_EMU_ASM_SWITCH
+  gptk_emu_switch(&g_sched_sp, t->sp);
+#else
   swapcontext(&g_sched_uc, &t->uc);
+#endif
 #if GPTK_EMU_ASAN
   __sanitizer_finish_switch_fiber(g_sched_fake, nullptr, nullptr);
 #endif
@@ -183,7 +237,11 @@ void yield_fiber() {
 #if GPTK_EMU_ASAN
   __sanitizer_start_switch_fiber(t->st == St::Exited ? nullptr : &t->fake_stack, g_main_bottom, g_main_size);
 #endif
+#if GPTK_EMU_ASM_SWITCH
+  gptk_emu_switch(&t->sp, g_sched_sp);
+#else
   swapcontext(&t->uc, &g_sched_uc);
+#endif
 #if GPTK_EMU_ASAN
   __sanitizer_finish_switch_fiber(t->fake_stack, &g_main_bottom, &g_main_size);
 #endif
@@ -323,14 +381,39 @@ std::string describe_deadlock(Block& B) {
   return s;
 }
 
+#if !GPTK_EMU_ASM_SWITCH
 ucontext_t g_template_uc;
 bool g_have_template = false;
+#endif
+
+// A fresh context for `t` that starts in fiber_main on its own stack.
+void init_context(Thread& t) {
+#if GPTK_EMU_ASM_SWITCH
+  // The frame gptk_emu_switch pops: control words, r15..rbp, the return address (fiber_main), and
+  // above it a null "return address" of fiber_main (which never returns), so that fiber_main is
+  // entered with the stack alignment of a call (rsp = 8 mod 16).
+  uintptr_t* sp = reinterpret_cast<uintptr_t*>(t.stack + g_cfg.stack_bytes);
+  *--sp = 0;
+  *--sp = reinterpret_cast<uintptr_t>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--sp = 0;
+  *--sp = (uintptr_t)0x037f << 32 | 0x1f80;  // default x87 control word | MXCSR
+  t.sp = sp;
+#else
+  std::memcpy(&t.uc, &g_template_uc, sizeof t.uc);  // getcontext once, not per thread (a syscall)
+  t.uc.uc_mcontext.fpregs = &t.uc.__fpregs_mem;
+  t.uc.uc_stack.ss_sp = t.stack;
+  t.uc.uc_stack.ss_size = g_cfg.stack_bytes;
+  t.uc.uc_link = nullptr;
+  makecontext(&t.uc, fiber_main, 0);
+  // ASan's swapcontext interceptor clears the shadow of the target's uc_stack on every switch
+  // (32 KiB per switch for a 256 KiB stack); makecontext has used it already, so hide it. Stacks
+  // stay consistent without it: every frame on them unwinds normally (faulted launches excepted,
+  // whose stacks are unpoisoned explicitly).
+  t.uc.uc_stack.ss_size = 0;
+#endif
+}
 
 void run_block(Launch& L, uint3 bid, std::mt19937& rng) {
-  if (!g_have_template) {
-    getcontext(&g_template_uc);
-    g_have_template = true;
-  }
   const dim3 bd = L.cfg.block;
   const unsigned n = bd.x * bd.y * bd.z;
   Block B;
@@ -352,17 +435,7 @@ void run_block(Launch& L, uint3 bid, std::mt19937& rng) {
     t.held = t.waiting = nullptr;
     t.cp_open.clear(), t.cp_groups.clear();
     t.fake_stack = nullptr;
-    std::memcpy(&t.uc, &g_template_uc, sizeof t.uc);  // getcontext once, not per thread (a syscall)
-    t.uc.uc_mcontext.fpregs = &t.uc.__fpregs_mem;
-    t.uc.uc_stack.ss_sp = t.stack;
-    t.uc.uc_stack.ss_size = g_cfg.stack_bytes;
-    t.uc.uc_link = nullptr;
-    makecontext(&t.uc, fiber_main, 0);
-    // ASan's swapcontext interceptor clears the shadow of the target's uc_stack on every switch
-    // (32 KiB per switch for a 256 KiB stack); makecontext has used it already, so hide it. Stacks
-    // stay consistent without it: every frame on them unwinds normally (faulted launches excepted,
-    // whose stacks are unpoisoned explicitly).
-    t.uc.uc_stack.ss_size = 0;
+    init_context(t);
   }
   const std::vector<unsigned> order = make_order(n, g_cfg.thread_order, rng);
   while (!g_fault_now && B.live > 0) {

@@ -152,10 +152,14 @@ def parse_asm(body: str, masked_body: str):
 
 
 def normalize_ptx(t: str) -> str:
-    t = " ".join(t.replace(";", "; ").split())
-    t = re.sub(r"\s*([{},\[\]])\s*", r"\1", t)
-    t = t.replace(",", ", ").replace("{", "{ ").replace("}", " }").replace(";", "; ")
-    t = " ".join(t.split())
+    """Canonical spacing: one space between tokens, "{ a, b }", "[%0]", "x, y", "a; b"; no final ';'."""
+    t = re.sub(r"\s+", " ", t)
+    t = re.sub(r"\s*([{}])\s*", r" \1 ", t)
+    t = re.sub(r"\s*,\s*", ", ", t)
+    t = re.sub(r"\s*;\s*", "; ", t)
+    t = re.sub(r"\[\s*", "[", t)
+    t = re.sub(r"\s*\]", "]", t)
+    t = re.sub(r"\s+", " ", t).strip()
     return t.rstrip("; ").strip()
 
 
@@ -205,7 +209,7 @@ def emit_ptx(template: str, ops: list[Operand], report: Report, where: str) -> s
     m = re.fullmatch(r"cvt\.rn\.(f16|bf16)\.f32 %(\d+), %(\d+)", t)
     if m:
         return _wr(_num(ops, m[2]), f"{P}cvt_rn_{m[1]}_f32({_rd(_num(ops, m[3]))})")
-    m = re.fullmatch(r"\{ \.reg \.b16 (\w+), (\w+); mov\.b32 \{ (\w+), (\w+) \}, %(\d+); cvt\.f32\.(f16|bf16) %(\d+), (\w+) \}", t)
+    m = re.fullmatch(r"\{ \.reg \.b16 (\w+), (\w+); mov\.b32 \{ (\w+), (\w+) \}, %(\d+); cvt\.f32\.(f16|bf16) %(\d+), (\w+);? \}", t)
     if m and (m[3], m[4]) == (m[1], m[2]) and m[8] in (m[1], m[2]):
         shift = 0 if m[8] == m[1] else 16
         return _wr(_num(ops, m[7]), f"{P}cvt_f32_{m[6]}((uint16_t)({_rd(_num(ops, m[5]))} >> {shift}))")
@@ -217,7 +221,7 @@ def emit_ptx(template: str, ops: list[Operand], report: Report, where: str) -> s
     m = re.fullmatch(r"mov\.(b32|u32|f32) %(\d+), %(\d+)", t)
     if m:
         return _wr(_num(ops, m[2]), _rd(_num(ops, m[3])))
-    m = re.fullmatch(r"cp\.async\.(ca|cg)\.shared(?:::cta)?\.global(?:\.L2::\w+)? \[ ?%(\d+) ?\], \[ ?%(\d+) ?\], (\d+)(?:, %(\d+))?", t)
+    m = re.fullmatch(r"cp\.async\.(ca|cg)\.shared(?:::cta)?\.global(?:\.L2::\w+)? \[%(\d+)\], \[%(\d+)\], (\d+)(?:, %(\d+))?", t)
     if m:
         dst, src, size = _num(ops, m[2]), _num(ops, m[3]), int(m[4])
         src_size = f"(int){_rd(_num(ops, m[5]))}" if m[5] else str(size)
@@ -231,7 +235,7 @@ def emit_ptx(template: str, ops: list[Operand], report: Report, where: str) -> s
         return f"::gptk_emu::cp_async_wait({n})"
     if re.fullmatch(r"cp\.async\.wait_all", t):
         return "::gptk_emu::cp_async_wait(-1)"
-    m = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x(1|2|4)(\.trans)?\.shared(?:::cta)?\.b16 \{ ([^}]*) \}, \[ ?%(\d+) ?\]", t)
+    m = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x(1|2|4)(\.trans)?\.shared(?:::cta)?\.b16 \{ ([^}]*) \}, \[%(\d+)\]", t)
     if m:
         regs = _regs(ops, m[3])
         if len(regs) != int(m[1]):
