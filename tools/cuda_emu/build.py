@@ -28,11 +28,13 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 import translate  # noqa: E402
 
-# family -> (kernel files under csrc/, ABI file under tools/cuda_emu/)
+# family -> (kernel files under csrc/, ABI file under tools/cuda_emu/ or None). "selftest" is the
+# emulator's own test kernels (tools/cuda_emu/selftest/, translated into _selftest/).
 FAMILIES = {
     "activation": (["activation/bias_act.cu"], "abi_activation.cpp"),
     "layernorm": (["layernorm/layer_norm.cu"], "abi_layernorm.cpp"),
     "cross_entropy": (["loss/cross_entropy.cu"], "abi_cross_entropy.cpp"),
+    "selftest": (["_selftest/emu_selftest.cu"], None),
 }
 
 SANITIZE = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
@@ -162,6 +164,7 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
     for d in (obj_dir, lib_dir):
         d.mkdir(parents=True, exist_ok=True)
     reports = translate_tree(csrc, src_dir)
+    reports.update({f"_selftest/{k}": v for k, v in translate_tree(HERE / "selftest", src_dir / "_selftest").items()})
     header = (HERE / "cuda_emu.h").read_text()
     shims = "".join(p.read_text() for p in sorted((HERE / "include").glob("*.h")))
     headers = "".join(f"{k}\n{(src_dir / k).read_text()}" for k in sorted(reports) if not k.endswith(".cu"))
@@ -172,7 +175,7 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
     for f in wanted:
         if f not in FAMILIES:
             raise BuildError("compile", f"unknown family {f!r} (known: {', '.join(FAMILIES)})")
-    present = [f for f in wanted if all((csrc / k).exists() for k in FAMILIES[f][0])]
+    present = [f for f in wanted if all((src_dir / k).exists() and k in reports for k in FAMILIES[f][0])]
 
     # compile jobs: (object path, source path, is .cu)
     jobs_list = {}
@@ -188,10 +191,11 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
             o = obj_dir / f"{Path(k).stem}-{_hash(common, k, src.read_text())}.o"
             jobs_list[o] = (src, True, KERNEL_OPT)
             objs.append(o)
-        abi_src = HERE / abi
-        o = obj_dir / f"{Path(abi).stem}-{_hash(common, abi_src.read_text())}.o"
-        jobs_list[o] = (abi_src, False, KERNEL_OPT)
-        objs.append(o)
+        if abi is not None:
+            abi_src = HERE / abi
+            o = obj_dir / f"{Path(abi).stem}-{_hash(common, abi_src.read_text())}.o"
+            jobs_list[o] = (abi_src, False, KERNEL_OPT)
+            objs.append(o)
         fam_objs[f] = objs
 
     def compile_one(item):
@@ -224,7 +228,8 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
                 raise BuildError("compile", f"link of {lib.name} failed:\n{r.stderr[-4000:]}")
             os.replace(tmp, lib)
         # (headers' inline PTX is listed for every family: which headers a file includes is not tracked)
-        unsupported = [u for k, rep in reports.items() if k in FAMILIES[f][0] or not k.endswith(".cu")
+        unsupported = [u for k, rep in reports.items()
+                       if k in FAMILIES[f][0] or (not k.endswith(".cu") and not k.startswith("_selftest"))
                        for u in rep.unsupported_ptx]
         out[f] = Built(f, lib, unsupported)
     return out

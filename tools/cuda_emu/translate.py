@@ -95,9 +95,10 @@ def match_forward(masked: str, i: int) -> int:
     raise TranslateError(f"unclosed '{masked[i]}' at offset {i}")
 
 
-def split_top(text: str, masked: str, sep: str) -> list[str]:
+def split_top(text: str, masked: str, sep: str, scope_aware: bool = True) -> list[str]:
     """Split text at the top-level (outside brackets) occurrences of the one-character sep (a ':'
-    that is part of '::' does not count)."""
+    that is part of '::' does not count, unless scope_aware is False: in an asm statement '::' is
+    two section separators)."""
     parts, depth, start = [], 0, 0
     for j, c in enumerate(masked):
         if c in "([{":
@@ -105,7 +106,7 @@ def split_top(text: str, masked: str, sep: str) -> list[str]:
         elif c in ")]}":
             depth -= 1
         elif c == sep and depth == 0:
-            if sep == ":" and ((j + 1 < len(masked) and masked[j + 1] == ":") or (j > 0 and masked[j - 1] == ":")):
+            if sep == ":" and scope_aware and ((j + 1 < len(masked) and masked[j + 1] == ":") or (j > 0 and masked[j - 1] == ":")):
                 continue
             parts.append(text[start:j])
             start = j + 1
@@ -136,8 +137,8 @@ class Operand:
 
 
 def parse_asm(body: str, masked_body: str):
-    sections = split_top(body, masked_body, ":")
-    masked_sections = split_top(masked_body, masked_body, ":")
+    sections = split_top(body, masked_body, ":", scope_aware=False)
+    masked_sections = split_top(masked_body, masked_body, ":", scope_aware=False)
     template = "".join(bytes(m, "utf-8").decode("unicode_escape") for m in re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0]))
     operands: list[Operand] = []
     for k, (sec, msec) in enumerate(zip(sections[1:3], masked_sections[1:3])):
