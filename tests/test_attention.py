@@ -458,3 +458,124 @@ def test_sdpa_dropin_cuda(causal):
     q2 = q[:, :, :50]
     torch.testing.assert_close(GF.scaled_dot_product_attention(q2, k, v, is_causal=True),
                                F.scaled_dot_product_attention(q2, k, v, is_causal=True))
+
+
+# ---- CUDA backward -------------------------------------------------------------------------------
+
+def grads_of(fn, tensors, dout, dlse=None):
+    for t in tensors:
+        t.grad = None
+    out, lse = fn()
+    loss = (out.float() * dout.float()).sum()
+    if dlse is not None:
+        loss = loss + (lse.masked_fill(torch.isneginf(lse), 0.0) * dlse).sum()
+    loss.backward()
+    return out, [t.grad for t in tensors]
+
+
+def check_bwd(B, Hq, Hkv, Sq, Sk, D, dtype, causal, layout="bhsd", deterministic=False, with_dlse=False, qkv=None):
+    q, k, v = qkv if qkv is not None else rand_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda", layout, requires_grad=True)
+    scale = 1.0 / math.sqrt(D)
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype)
+    dlse = torch.randn(B, Hq, Sq, device="cuda") if with_dlse else None
+    poison_cuda_cache()
+    with gptkernels.backend("kernel"):
+        out, g = grads_of(lambda: GF.flash_attention(q, k, v, causal, scale, layout, deterministic=deterministic),
+                          (q, k, v), dout, dlse)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _, g_ref = grads_of(lambda: A.attention_ref(q32, k32, v32, causal, scale, layout, upcast=True), (q32, k32, v32),
+                        dout, dlse)
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _, g_base = grads_of(lambda: A.attention_ref(qb, kb, vb, causal, scale, layout, upcast=False), (qb, kb, vb),
+                         dout, dlse)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), g, g_ref, g_base):
+        assert got.shape == ref.shape and got.dtype == dtype, name
+        assert_2x(name, got, ref, base, dtype)
+    return g
+
+
+BWD_SEQS = [(1, 1), (17, 17), (17, 113), (113, 17), (113, 203), (1000, 1000), (1023, 1023), (2048, 2048)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,sk", BWD_SEQS)
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_bwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
+    B = 2 if sq * sk <= 1024 * 1024 else 1
+    check_bwd(B, hq, hkv, sq, sk, D, dtype, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [40, 96])
+def test_bwd_kernel_padded_head_dims(D):
+    check_bwd(2, 4, 2, 77, 130, D, torch.bfloat16, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_bwd_kernel_bshd_and_dlse(causal, D):
+    check_bwd(2, 6, 2, 257, 300, D, torch.bfloat16, causal, layout="bshd", with_dlse=True)
+
+
+@pytest.mark.cuda
+def test_bwd_kernel_fused_qkv_views():
+    B, S, Hq, Hkv, D = 2, 301, 8, 2, 64
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+    g = check_bwd(B, Hq, Hkv, S, S, D, torch.bfloat16, True, layout="bshd", qkv=(q, k, v))
+    assert all(t.shape == s.shape for t, s in zip(g, (q, k, v)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B,hq,hkv", [(2, 8, 1), (4, 32, 32)])
+def test_bwd_deterministic(D, B, hq, hkv):
+    """deterministic=True: bitwise identical gradients run to run, and as accurate as the default.
+    (4, 32, 32): fewer dq slices than key blocks, so each CTA walks several key blocks in order."""
+    q, k, v = rand_qkv(B, hq, hkv, 1000, 1000, D, torch.bfloat16, "cuda", requires_grad=True)
+    check_bwd(B, hq, hkv, 1000, 1000, D, torch.bfloat16, True, deterministic=True, qkv=(q, k, v))
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(3):
+        with gptkernels.backend("kernel"):
+            _, g = grads_of(lambda: GF.flash_attention(q, k, v, True, None, deterministic=True), (q, k, v), dout)
+        runs.append([t.clone() for t in g])
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_bwd_opcheck_cuda():
+    q, k, v = rand_qkv(2, 4, 2, 37, 50, 64, torch.bfloat16, "cuda", "bshd")
+    out, lse = torch.ops.gptkernels.flash_attn_fwd(q, k, v, True, 0.125, "bshd", None, False)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_bwd,
+                          (dout, q, k, v, out, lse, None, True, 0.125, "bshd", False))
+
+
+@pytest.mark.cuda
+def test_bwd_small_sanitize():
+    """Small backward shapes for compute-sanitizer runs."""
+    for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
+        check_bwd(1, 2, 1, sq, sk, 64, torch.bfloat16, True)
+        check_bwd(1, 2, 2, sq, sk, 128, torch.float16, False, layout="bshd", deterministic=True)
+
+
+@pytest.mark.cuda
+def test_compile_fullgraph_fwd_bwd_cuda():
+    def f(q, k, v):
+        return GF.flash_attention(q, k, v, causal=True, layout="bshd")[0]
+
+    q, k, v = rand_qkv(2, 4, 2, 100, 100, 64, torch.bfloat16, "cuda", "bshd", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    cf = torch.compile(f, fullgraph=True)
+    _, g = grads_of(lambda: (cf(q, k, v), torch.zeros(1, device="cuda")), (q, k, v), dout)
+    g = [t.clone() for t in g]
+    _, g_eager = grads_of(lambda: (f(q, k, v), torch.zeros(1, device="cuda")), (q, k, v), dout)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

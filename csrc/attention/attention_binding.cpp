@@ -136,6 +136,68 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q_in, const 
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in, bool causal,
+    double scale, const std::string& layout, bool deterministic) {
+  const bool bshd = parse_layout(layout);
+  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
+  check_same_device(out_in, q_in, "out", "q");
+  check_same_device(dout_in, q_in, "dout", "q");
+  check_same_device(lse_in, q_in, "lse", "q");
+  check_same_dtype(out_in, q_in, "out", "q");
+  check_same_dtype(dout_in, q_in, "dout", "q");
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "out: expected the shape of q ", q_in.sizes(), ", got ", out_in.sizes());
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout: expected the shape of q ", q_in.sizes(), ", got ",
+              dout_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == s.b &&
+                  lse_in.size(1) == s.hq && lse_in.size(2) == s.sq,
+              "lse: expected a float32 tensor of shape [", s.b, ", ", s.hq, ", ", s.sq, "], got ", lse_in.scalar_type(),
+              " ", lse_in.sizes());
+  if (dlse_in.has_value()) {
+    check_same_device(*dlse_in, q_in, "dlse", "q");
+    TORCH_CHECK(dlse_in->sizes() == lse_in.sizes(), "dlse: expected the shape of lse ", lse_in.sizes(), ", got ",
+                dlse_in->sizes());
+  }
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
+  const at::Tensor out = prepare(out_in, bshd), dout = prepare(dout_in, bshd);
+  const at::Tensor lse = lse_in.contiguous();
+  const std::optional<at::Tensor> dlse =
+      dlse_in.has_value() ? std::optional<at::Tensor>(dlse_in->to(at::kFloat).contiguous()) : std::nullopt;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (s.b == 0 || (dq.numel() == 0 && dk.numel() == 0)) return {dq, dk, dv};
+
+  attn::FlashBwdParams p;
+  p.q = ref_of(q, bshd);
+  p.k = ref_of(k, bshd);
+  p.v = ref_of(v, bshd);
+  p.o = ref_of(out, bshd);
+  p.dout = ref_of(dout, bshd);
+  p.dq = ref_of(dq, bshd);
+  p.dk = ref_of(dk, bshd);
+  p.dv = ref_of(dv, bshd);
+  p.lse = lse.data_ptr<float>();
+  p.dlse = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
+  p.batch = static_cast<int>(s.b);
+  p.hq = static_cast<int>(s.hq);
+  p.hkv = static_cast<int>(s.hkv);
+  p.sq = static_cast<int>(s.sq);
+  p.sk = static_cast<int>(s.sk);
+  p.d = static_cast<int>(s.d);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.deterministic = deterministic;
+  p.dtype = to_dtype(q, "q");
+  const int splits = attn::flash_bwd_dq_splits(p, num_sms());
+  at::Tensor ws = at::empty({static_cast<int64_t>(attn::flash_bwd_workspace_bytes(p, splits))},
+                            q.options().dtype(at::kByte));
+  check_launch(attn::flash_bwd(p, ws.data_ptr(), splits, current_stream(q)), "flash_attn_bwd");
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace gptk
 
@@ -143,6 +205,12 @@ TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, str layout, Tensor? kv_lens, "
       "bool deterministic) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
+      "float scale, str layout, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) { m.impl("flash_attn_fwd", &gptk::flash_attn_fwd); }
+TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) {
+  m.impl("flash_attn_fwd", &gptk::flash_attn_fwd);
+  m.impl("flash_attn_bwd", &gptk::flash_attn_bwd);
+}

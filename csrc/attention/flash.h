@@ -88,8 +88,13 @@ cudaError_t run_flash_fwd_sm80(const FlashFwdParams& params, cudaStream_t stream
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd_sm80(const FlashBwdParams& params, cudaStream_t stream);
 
+// Backward helpers (flash_bwd_prep.cu), run by flash_bwd around the main kernel.
+cudaError_t flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_convert_dq(const FlashBwdParams& params, cudaStream_t stream);
+
 // Tile sizes the launchers and workspace computations agree on.
-constexpr int kBwdRowPad = 128;  // lse_log2 / delta rows are padded to a multiple of this
+constexpr int kBwdRowPad = 128;   // lse_log2 / delta rows are padded to a multiple of this (>= kBlockM)
+constexpr int kBwdBlockN = 128;   // key block of every backward configuration
 
 }  // namespace attn
 }  // namespace gptk
