@@ -1,5 +1,8 @@
 // attention_binding.cpp: torch ops gptkernels::flash_attn_fwd / flash_attn_bwd / flash_attn_decode.
 //
+// flash_attn_decode is the split-KV forward for a few query rows over a long cache (no autograd;
+// gptkernels.ops.flash_attention routes to it when no gradient is needed and Sq * Hq/Hkv is small).
+//
 // Tensors arrive in the caller's layout ("bhsd" = (B, H, S, D) or "bshd" = (B, S, H, D)); the kernels
 // see (B, H, S, D) views with arbitrary batch/head/row strides, so nothing is transposed or copied
 // unless a tensor breaks the kernels' alignment rules (last dim contiguous, 16-byte aligned base
@@ -136,6 +139,26 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q_in, const 
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> flash_attn_decode(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, bool causal, double scale,
+                                                     const std::string& layout,
+                                                     const std::optional<at::Tensor>& kv_lens) {
+  const bool bshd = parse_layout(layout);
+  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
+  const std::optional<at::Tensor> kl = prepare_kv_lens(kv_lens, q, s.b);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  attn::FlashFwdParams p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kl);
+  const int splits = attn::flash_decode_num_splits(p, num_sms());
+  const size_t bytes = attn::flash_decode_workspace_bytes(p, splits);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+  check_launch(attn::flash_decode(p, bytes ? ws.data_ptr() : nullptr, splits, current_stream(q)), "flash_attn_decode");
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in, bool causal,
@@ -208,9 +231,13 @@ TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
       "float scale, str layout, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "flash_attn_decode(Tensor q, Tensor k, Tensor v, bool causal, float scale, str layout, Tensor? kv_lens) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) {
   m.impl("flash_attn_fwd", &gptk::flash_attn_fwd);
   m.impl("flash_attn_bwd", &gptk::flash_attn_bwd);
+  m.impl("flash_attn_decode", &gptk::flash_attn_decode);
 }
