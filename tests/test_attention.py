@@ -270,9 +270,12 @@ EPS = {torch.bfloat16: 1e-3, torch.float16: 2e-4}
 
 def poison_cuda_cache(nbytes=256 << 20):
     """Fill free memory of torch's caching allocator with NaN so that outputs the kernels fail to write
-    show up as NaN (new allocations reuse the freed block)."""
-    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+    show up as NaN (new allocations reuse the freed blocks): one large block (the large pool) and a few
+    sub-1 MB blocks (the small pool, where outputs under 1 MB come from)."""
+    big = torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+    small = [torch.empty((1 << 18) - 256, device="cuda").fill_(float("nan")) for _ in range(16)]
     torch.cuda.synchronize()
+    del big, small
 
 
 def max_err(a, b):
