@@ -16,6 +16,8 @@ KERNEL_OPS = {
     "cross_entropy": ["cross_entropy_fwd", "cross_entropy_scale_grad_"],
     "linear_cross_entropy": ["linear_cross_entropy_fwd", "cross_entropy_scale_grad_"],
     "layer_norm / add_layer_norm": ["layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"],
+    "flash_attention / sdpa": ["flash_attn_fwd", "flash_attn_bwd"],
+    "flash_attention (decode)": ["flash_attn_decode"],
 }
 
 

@@ -9,6 +9,17 @@ query i sees keys j <= i + (Sk - Sq). So a decoding step (Sq = 1) sees the whole
 `kv_lens` (int32 [B], optional) limits batch b to its first kv_lens[b] keys (a KV cache filled
 to different lengths); the causal alignment then uses kv_lens[b] in place of Sk. A query row that
 sees no key (possible only when Sq > Sk under causal) outputs zeros with lse = -inf.
+
+Kernels (csrc/attention/, torch.ops.gptkernels.*):
+- flash_attn_fwd: FlashAttention-2 style forward on tensor cores (mma.sync, sm_80 and sm_90),
+  returns (out, lse); any Sq / Sk / batch / heads, GQA, both layouts by strides, kv_lens.
+- flash_attn_bwd: backward from the saved lse (dq, dk, dv; dk/dv summed over the query heads that
+  share a K/V head). Not deterministic by default (fp32 atomics into dq); `deterministic=True` (or
+  torch.use_deterministic_algorithms(True)) accumulates dq in a fixed order instead.
+- flash_attn_decode: split-KV forward for small Sq (decoding over a KV cache), then a combine.
+Kernel head dims: multiples of 8 up to 128 (64 and 128 natively; others zero-padded to them).
+Other head dims, float32 inputs, and gradients through kv_lens fall back to the reference (with a
+one-time warning on a GPU). The CPU implementation of every op is the reference below.
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import math
 
 import torch
 
+from gptkernels import _backend
 from gptkernels._checks import HALF_DTYPES, FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 LAYOUTS = ("bhsd", "bshd")
@@ -56,6 +68,9 @@ def attention_ref(q, k, v, causal: bool = False, scale: float | None = None, lay
     mask = attention_mask(Sq, kb.shape[2], causal, kv_lens, B, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
+    if kv_lens is not None:  # a cache past its fill may hold anything (NaN): 0 * NaN would leak through p v
+        kept = torch.arange(kb.shape[2], device=q.device)[None, :] < kv_lens.to(q.device).long()[:, None]
+        vb = vb.masked_fill(~kept[:, None, :, None], 0.0)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))
     out = torch.matmul(p.to(dt), vb.to(dt)).to(q.dtype)
@@ -92,19 +107,201 @@ def check_attention_inputs(q, k, v, layout: str, kv_lens=None, dtypes=FLOAT_DTYP
     return B, Hq, Hkv, Sq, Sk, D
 
 
-def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None):
-    """(out, lse): exact attention, see the module docstring. Differentiable in q, k, v."""
-    check_attention_inputs(q, k, v, layout, kv_lens)
-    return attention_ref(q, k, v, causal, scale, layout, kv_lens)
+def attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal: bool, scale: float, layout: str = "bhsd"):
+    """Gradients (dq, dk, dv) of attention_ref written out in fp32 from the saved lse, as the kernel
+    computes them: P = exp(S*scale - lse), dV = P^T dO, dP = dO V^T, delta = rowsum(dO * O) - dlse,
+    dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q; with GQA dk/dv are summed over the
+    query heads sharing a K/V head. Outputs are contiguous in `layout`, in the inputs' dtype."""
+    qb, kb, vb, ob, dob = (to_bhsd(t, layout).float() for t in (q, k, v, out, dout))
+    B, Hq, Sq, D = qb.shape
+    Hkv, Sk = kb.shape[1], kb.shape[2]
+    g = Hq // Hkv
+    kx = kb.repeat_interleave(g, dim=1) if g > 1 else kb
+    vx = vb.repeat_interleave(g, dim=1) if g > 1 else vb
+    s = torch.matmul(qb, kx.transpose(-1, -2)) * scale
+    mask = attention_mask(Sq, Sk, causal, None, B, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse_ = lse.float()[..., None]
+    p = torch.exp(s - lse_.masked_fill(lse_ == float("-inf"), float("inf")))
+    dvx = torch.matmul(p.transpose(-1, -2), dob)
+    dp = torch.matmul(dob, vx.transpose(-1, -2))
+    delta = (dob * ob).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.float()[..., None]
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, kx) * scale
+    dkx = torch.matmul(ds.transpose(-1, -2), qb) * scale
+    if g > 1:
+        dkx = dkx.view(B, Hkv, g, Sk, D).sum(2)
+        dvx = dvx.view(B, Hkv, g, Sk, D).sum(2)
+
+    def back(t, like):
+        t = t.to(like.dtype)
+        return (t if layout == "bhsd" else t.transpose(1, 2)).contiguous()
+
+    return back(dq, q), back(dkx, k), back(dvx, v)
+
+
+# ---- kernels: torch.library registration (schemas come from the C++ extension) ----------------
+def _has_kernel(op: str) -> bool:
+    return _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, op) and _backend.has_kernel(op)
+
+
+_HAVE_FWD = _has_kernel("flash_attn_fwd")
+_HAVE_BWD = _has_kernel("flash_attn_bwd")
+_HAVE_DECODE = _has_kernel("flash_attn_decode")
+KERNEL_MAX_HEAD_DIM = 128
+# The split-KV decode kernel runs a forward (without autograd) when Sq * (Hq // Hkv) is at most this.
+DECODE_MAX_ROWS = 16
+
+
+def _out_like(q):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _lse_like(q, layout):
+    B, H, S = (q.shape[0], q.shape[1], q.shape[2]) if layout == "bhsd" else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+
+
+def _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens):
+    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
+    return out.contiguous(), lse.contiguous()
+
+
+if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
+    def _fwd_fake(q, k, v, causal, scale, layout, kv_lens, deterministic):
+        return _out_like(q), _lse_like(q, layout)
+
+    def _fwd_cpu(q, k, v, causal, scale, layout, kv_lens, deterministic):
+        return _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens)
+
+    torch.library.register_fake("gptkernels::flash_attn_fwd")(_fwd_fake)
+    torch.library.impl("gptkernels::flash_attn_fwd", "CPU")(_fwd_cpu)
+
+    if hasattr(torch.ops.gptkernels, "flash_attn_bwd"):
+        def _bwd_fake(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic):
+            return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                    torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                    torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+        def _bwd_cpu(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic):
+            return attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal, scale, layout)
+
+        torch.library.register_fake("gptkernels::flash_attn_bwd")(_bwd_fake)
+        torch.library.impl("gptkernels::flash_attn_bwd", "CPU")(_bwd_cpu)
+
+    if hasattr(torch.ops.gptkernels, "flash_attn_decode"):
+        def _decode_fake(q, k, v, causal, scale, layout, kv_lens):
+            return _out_like(q), _lse_like(q, layout)
+
+        torch.library.register_fake("gptkernels::flash_attn_decode")(_decode_fake)
+        torch.library.impl("gptkernels::flash_attn_decode", "CPU")(_fwd_ref_op)
+
+    def _setup(ctx, inputs, output):
+        q, k, v, causal, scale, layout, kv_lens, deterministic = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.layout, ctx.deterministic = causal, scale, layout, deterministic
+        ctx.has_kv_lens = kv_lens is not None
+
+    def _backward(ctx, dout, dlse):
+        if ctx.has_kv_lens:
+            raise NotImplementedError("gptkernels.flash_attention: gradients with kv_lens are not supported "
+                                      "(flash_attention takes the reference path when they are needed)")
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if not hasattr(torch.ops.gptkernels, "flash_attn_bwd") or (q.is_cuda and not _HAVE_BWD):
+            dq, dk, dv = attention_bwd_ref(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.layout)
+        else:
+            dq, dk, dv = torch.ops.gptkernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale,
+                                                             ctx.layout, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd("gptkernels::flash_attn_fwd", _backward, setup_context=_setup)
+
+
+def kernel_unsupported_reason(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool):
+    """None when the attention kernels handle this call, else a short reason they do not."""
+    if not _HAVE_FWD:
+        return "not in this build of the extension"
+    if q.dtype not in HALF_DTYPES:
+        return f"dtype {str(q.dtype).replace('torch.', '')} (the kernels take float16 and bfloat16)"
+    if head_dim % 8 != 0 or head_dim > KERNEL_MAX_HEAD_DIM:
+        return f"head_dim {head_dim} (the kernels take multiples of 8 up to {KERNEL_MAX_HEAD_DIM})"
+    if not (scale > 0 and math.isfinite(scale)):
+        return f"scale {scale} (the kernels need a positive finite scale)"
+    if sq >= 2**30 or sk >= 2**30:
+        return "sequence length >= 2^30"
+    if needs_grad and kv_lens is not None:
+        return "gradients with kv_lens"
+    return None
+
+
+def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None,
+                    deterministic: bool | None = None):
+    """(out, lse): exact attention, see the module docstring. Differentiable in q, k, v (and through
+    lse). out is contiguous in `layout` (a "bshd" out views as (B, S, H*D) without a copy); lse is
+    fp32 [B, Hq, Sq]. deterministic: a backward with a fixed reduction order (default: follow
+    torch.are_deterministic_algorithms_enabled(); the kernel's default backward is not)."""
+    B, Hq, Hkv, Sq, Sk, D = check_attention_inputs(q, k, v, layout, kv_lens)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    reason = kernel_unsupported_reason(q, D, Sq, Sk, scale, kv_lens, needs_grad)
+    if _backend.use_kernel("flash_attention", (q, k, v, kv_lens), unsupported=reason):
+        kl = None if kv_lens is None else kv_lens.to(torch.int32)
+        if not needs_grad and _HAVE_DECODE and Sq * (Hq // Hkv) <= DECODE_MAX_ROWS:
+            return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl)
+        return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic))
+    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
+    return out.contiguous(), lse
+
+
+def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """None when gptkernels' flash_attention computes exactly torch's SDPA for this call."""
+    if attn_mask is not None:
+        return "attn_mask"
+    if dropout_p > 0:
+        return "dropout"
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+        return "inputs that are not 4-D"
+    if key.shape[-2] != value.shape[-2] or key.shape[:-2] != value.shape[:-2] or query.shape[0] != key.shape[0]:
+        return "mismatched shapes"
+    if query.shape[-1] != key.shape[-1] or value.shape[-1] != key.shape[-1]:
+        return "value head dim different from the query/key head dim"
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
+        return "K/V heads different from Q heads without enable_gqa"
+    if is_causal and query.shape[-2] != key.shape[-2]:
+        return "is_causal with Sq != Sk (torch aligns it to the top-left)"
+    if query.dtype != key.dtype or query.dtype != value.dtype:
+        return "mixed dtypes"
+    if not (query.device == key.device == value.device):
+        return "tensors on different devices"
+    D = query.shape[-1]
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return kernel_unsupported_reason(query, D, query.shape[-2], key.shape[-2], s, None, needs_grad)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention ((B, H, S, D) inputs), same
     arguments and semantics (is_causal is top-left aligned, as torch's). Calls the kernel covers
-    run flash_attention; the rest (an explicit attn_mask, dropout, causal with Sq != Sk) run torch's
-    own SDPA."""
+    run flash_attention; the rest (an explicit attn_mask, dropout, causal with Sq != Sk, fp32, head
+    dims the kernels lack, non-4-D inputs) run torch's own SDPA."""
     import torch.nn.functional as F
 
+    reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    tensors = [t for t in (query, key, value) if isinstance(t, torch.Tensor)]
+    if reason is None and _backend.use_kernel("scaled_dot_product_attention", tensors, unsupported=None):
+        return flash_attention(query, key, value, causal=is_causal, scale=scale, layout="bhsd")[0]
+    if reason is not None and _backend.get_backend() == "kernel" and all(t.is_cuda for t in tensors):
+        raise ValueError(f"gptkernels.scaled_dot_product_attention: backend is 'kernel' but the kernel does not "
+                         f"support this call: {reason}")
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -1,0 +1,243 @@
+// attention_binding.cpp: torch ops gptkernels::flash_attn_fwd / flash_attn_bwd / flash_attn_decode.
+//
+// flash_attn_decode is the split-KV forward for a few query rows over a long cache (no autograd;
+// gptkernels.ops.flash_attention routes to it when no gradient is needed and Sq * Hq/Hkv is small).
+//
+// Tensors arrive in the caller's layout ("bhsd" = (B, H, S, D) or "bshd" = (B, S, H, D)); the kernels
+// see (B, H, S, D) views with arbitrary batch/head/row strides, so nothing is transposed or copied
+// unless a tensor breaks the kernels' alignment rules (last dim contiguous, 16-byte aligned base
+// and strides in multiples of 8 elements), in which case a contiguous copy is made here.
+// Outputs are contiguous in the caller's layout (a bshd output views as (B, S, H*D) for free).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+#include <optional>
+
+#include "attention/flash.h"
+#include "binding.h"
+
+namespace gptk {
+namespace {
+
+using attn::TensorRef;
+
+bool parse_layout(const std::string& layout) {
+  TORCH_CHECK(layout == "bhsd" || layout == "bshd", "layout: expected 'bhsd' or 'bshd', got '", layout, "'");
+  return layout == "bshd";
+}
+
+// (B, H, S, D) view of a tensor given in the caller's layout.
+at::Tensor bhsd_view(const at::Tensor& t, bool bshd) { return bshd ? t.transpose(1, 2) : t; }
+
+bool kernel_friendly(const at::Tensor& t) {
+  if (t.stride(3) != 1 && t.size(3) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i < 3; ++i)
+    if (t.stride(i) % 8 != 0 && t.size(i) != 1) return false;
+  return true;
+}
+
+// The tensor itself when the kernels can read it in place, else a contiguous copy (same layout).
+at::Tensor prepare(const at::Tensor& t, bool bshd) {
+  return kernel_friendly(bhsd_view(t, bshd)) ? t : t.contiguous();
+}
+
+TensorRef ref_of(const at::Tensor& t_user, bool bshd) {
+  const at::Tensor t = bhsd_view(t_user, bshd);
+  TensorRef r;
+  r.ptr = t.data_ptr();
+  r.batch_stride = t.size(0) == 1 ? 0 : t.stride(0);
+  r.head_stride = t.size(1) == 1 ? 0 : t.stride(1);
+  r.row_stride = t.size(2) == 1 ? 0 : t.stride(2);
+  return r;
+}
+
+void check_arch(const at::Tensor& t) {
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index());
+  TORCH_CHECK(major >= 8, "gptkernels attention: the kernels need an sm_80 or newer GPU (got compute capability ",
+              major, ".x)");
+}
+
+struct Shapes {
+  int64_t b, hq, hkv, sq, sk, d;
+};
+
+// Checks q, k, v (given in the caller's layout) and returns the (B, H, S, D) sizes.
+Shapes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool bshd, double scale) {
+  check_cuda(q, "q");
+  check_same_device(k, q, "k", "q");
+  check_same_device(v, q, "v", "q");
+  check_same_dtype(k, q, "k", "q");
+  check_same_dtype(v, q, "v", "q");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q: the attention kernels take float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: expected 4-D tensors, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  const at::Tensor qb = bhsd_view(q, bshd), kb = bhsd_view(k, bshd), vb = bhsd_view(v, bshd);
+  Shapes s{qb.size(0), qb.size(1), kb.size(1), qb.size(2), kb.size(2), qb.size(3)};
+  TORCH_CHECK(kb.sizes() == vb.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(kb.size(0) == s.b, "k: batch ", kb.size(0), " does not match q's batch ", s.b);
+  TORCH_CHECK(kb.size(3) == s.d, "k: head dim ", kb.size(3), " does not match q's head dim ", s.d);
+  TORCH_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, "k: its ", s.hkv, " heads must divide q's ", s.hq, " heads");
+  TORCH_CHECK(s.d > 0 && s.d % 8 == 0 && s.d <= 128, "head dim ", s.d,
+              ": the kernels take multiples of 8 up to 128 (use the reference path otherwise)");
+  TORCH_CHECK(s.sq < (1 << 30) && s.sk < (1 << 30), "sequence lengths must be below 2^30");
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale: the kernels need a positive finite scale, got ", scale);
+  check_arch(q);
+  return s;
+}
+
+std::optional<at::Tensor> prepare_kv_lens(const std::optional<at::Tensor>& kv_lens, const at::Tensor& q, int64_t b) {
+  if (!kv_lens.has_value()) return std::nullopt;
+  const at::Tensor& kl = *kv_lens;
+  check_same_device(kl, q, "kv_lens", "q");
+  TORCH_CHECK(kl.dim() == 1 && kl.size(0) == b, "kv_lens: expected shape [", b, "], got ", kl.sizes());
+  TORCH_CHECK(kl.scalar_type() == at::kInt || kl.scalar_type() == at::kLong, "kv_lens: expected int32 or int64, got ",
+              kl.scalar_type());
+  return kl.to(at::kInt).contiguous();
+}
+
+attn::FlashFwdParams fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const Shapes& s, bool bshd, bool causal, double scale,
+                                const std::optional<at::Tensor>& kv_lens) {
+  attn::FlashFwdParams p;
+  p.q = ref_of(q, bshd);
+  p.k = ref_of(k, bshd);
+  p.v = ref_of(v, bshd);
+  p.o = ref_of(out, bshd);
+  p.lse = lse.data_ptr<float>();
+  p.kv_lens = kv_lens.has_value() ? kv_lens->data_ptr<int>() : nullptr;
+  p.batch = static_cast<int>(s.b);
+  p.hq = static_cast<int>(s.hq);
+  p.hkv = static_cast<int>(s.hkv);
+  p.sq = static_cast<int>(s.sq);
+  p.sk = static_cast<int>(s.sk);
+  p.d = static_cast<int>(s.d);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dtype = to_dtype(q, "q");
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                  const at::Tensor& v_in, bool causal, double scale,
+                                                  const std::string& layout, const std::optional<at::Tensor>& kv_lens,
+                                                  bool deterministic) {
+  (void)deterministic;  // used by the backward only
+  const bool bshd = parse_layout(layout);
+  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
+  const std::optional<at::Tensor> kl = prepare_kv_lens(kv_lens, q, s.b);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const attn::FlashFwdParams p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kl);
+  check_launch(attn::flash_fwd(p, current_stream(q)), "flash_attn_fwd");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_decode(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, bool causal, double scale,
+                                                     const std::string& layout,
+                                                     const std::optional<at::Tensor>& kv_lens) {
+  const bool bshd = parse_layout(layout);
+  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
+  const std::optional<at::Tensor> kl = prepare_kv_lens(kv_lens, q, s.b);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  attn::FlashFwdParams p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kl);
+  const int splits = attn::flash_decode_num_splits(p, num_sms());
+  const size_t bytes = attn::flash_decode_workspace_bytes(p, splits);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+  check_launch(attn::flash_decode(p, bytes ? ws.data_ptr() : nullptr, splits, current_stream(q)), "flash_attn_decode");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in, bool causal,
+    double scale, const std::string& layout, bool deterministic) {
+  const bool bshd = parse_layout(layout);
+  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
+  check_same_device(out_in, q_in, "out", "q");
+  check_same_device(dout_in, q_in, "dout", "q");
+  check_same_device(lse_in, q_in, "lse", "q");
+  check_same_dtype(out_in, q_in, "out", "q");
+  check_same_dtype(dout_in, q_in, "dout", "q");
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "out: expected the shape of q ", q_in.sizes(), ", got ", out_in.sizes());
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout: expected the shape of q ", q_in.sizes(), ", got ",
+              dout_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == s.b &&
+                  lse_in.size(1) == s.hq && lse_in.size(2) == s.sq,
+              "lse: expected a float32 tensor of shape [", s.b, ", ", s.hq, ", ", s.sq, "], got ", lse_in.scalar_type(),
+              " ", lse_in.sizes());
+  if (dlse_in.has_value()) {
+    check_same_device(*dlse_in, q_in, "dlse", "q");
+    TORCH_CHECK(dlse_in->sizes() == lse_in.sizes(), "dlse: expected the shape of lse ", lse_in.sizes(), ", got ",
+                dlse_in->sizes());
+  }
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
+  const at::Tensor out = prepare(out_in, bshd), dout = prepare(dout_in, bshd);
+  const at::Tensor lse = lse_in.contiguous();
+  const std::optional<at::Tensor> dlse =
+      dlse_in.has_value() ? std::optional<at::Tensor>(dlse_in->to(at::kFloat).contiguous()) : std::nullopt;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (s.b == 0 || (dq.numel() == 0 && dk.numel() == 0)) return {dq, dk, dv};
+
+  attn::FlashBwdParams p;
+  p.q = ref_of(q, bshd);
+  p.k = ref_of(k, bshd);
+  p.v = ref_of(v, bshd);
+  p.o = ref_of(out, bshd);
+  p.dout = ref_of(dout, bshd);
+  p.dq = ref_of(dq, bshd);
+  p.dk = ref_of(dk, bshd);
+  p.dv = ref_of(dv, bshd);
+  p.lse = lse.data_ptr<float>();
+  p.dlse = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
+  p.batch = static_cast<int>(s.b);
+  p.hq = static_cast<int>(s.hq);
+  p.hkv = static_cast<int>(s.hkv);
+  p.sq = static_cast<int>(s.sq);
+  p.sk = static_cast<int>(s.sk);
+  p.d = static_cast<int>(s.d);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.deterministic = deterministic;
+  p.dtype = to_dtype(q, "q");
+  const int splits = attn::flash_bwd_dq_splits(p, num_sms());
+  at::Tensor ws = at::empty({static_cast<int64_t>(attn::flash_bwd_workspace_bytes(p, splits))},
+                            q.options().dtype(at::kByte));
+  check_launch(attn::flash_bwd(p, ws.data_ptr(), splits, current_stream(q)), "flash_attn_bwd");
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace gptk
+
+TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, str layout, Tensor? kv_lens, "
+      "bool deterministic) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
+      "float scale, str layout, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "flash_attn_decode(Tensor q, Tensor k, Tensor v, bool causal, float scale, str layout, Tensor? kv_lens) -> "
+      "(Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) {
+  m.impl("flash_attn_fwd", &gptk::flash_attn_fwd);
+  m.impl("flash_attn_bwd", &gptk::flash_attn_bwd);
+  m.impl("flash_attn_decode", &gptk::flash_attn_decode);
+}

@@ -1,0 +1,287 @@
+// flash_bwd_kernel.cuh: FlashAttention-2 style backward on sm_80+ tensor cores (mma.sync).
+//
+// Design
+// - One CTA = one block of kBlockN keys of one (batch, K/V head). K and V stay in shared memory;
+//   the CTA walks every (query head of the GQA group, block of kBlockM queries) that sees these
+//   keys (causal: from the diagonal down), recomputing the probabilities from the saved
+//   log-sum-exp instead of storing the S x S matrix:
+//       S = Q K^T, P = exp(S*scale - lse)            (mask as in the forward)
+//       dP = dO V^T, dS = P * (dP - delta)            delta = rowsum(dO * O) - dlse (preprocess)
+//       dV += P^T dO, dK += dS^T Q                     (registers, whole loop; dK scaled at the end)
+//       dQ += dS K                                     (fp32 atomics into a workspace, then scaled
+//                                                       and converted by flash_bwd_convert_dq)
+//   dK/dV of a K/V head thereby sum over its query heads in registers: no expanded copies.
+// - Three warp layouts over the same 8 warps: (kWarpsM_SdP x rest) for S and dP, (kWarpsN_dKV x
+//   rest) for dK/dV, (kWarpsM_dQ x rest) for dQ. P and dS go through shared memory (as 16-bit)
+//   because dV/dK need them transposed (ldmatrix.trans) and dQ in another layout.
+// - Q, dO, lse and delta of the next (head, query block) are prefetched with cp.async into a
+//   second buffer while the current one is processed; two barriers per step:
+//       wait + barrier | prefetch next | S, dP, P, dS -> smem | barrier | dV, dK, dQ (+atomics)
+// - Rows past Sq: Q/dO are zero-filled and the preprocess pads lse with +inf, so P = 0 there and
+//   nothing reaches dK/dV; dQ atomics are predicated. Keys past Sk: zero-filled and masked. Fully
+//   masked rows (lse = -inf) are also given +inf: their P is exactly 0.
+// - Determinism: with params.deterministic the grid has dq_splits CTAs per (batch, K/V head);
+//   CTA x handles key blocks x, x + dq_splits, ... in order and adds into its own dq slice, where
+//   each element is only ever updated by one thread (fixed warp layout) in program order; the
+//   convert kernel sums the slices in slice order. Otherwise one CTA per key block, one slice,
+//   and the order of the atomics (hence the fp32 rounding of dQ) varies from run to run.
+#pragma once
+
+#include <climits>
+
+#include "attention/flash.h"
+#include "attention/mask.cuh"
+#include "attention/mma.cuh"
+#include "attention/softmax.cuh"
+
+namespace gptk {
+namespace attn {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kWarpsM_SdP_, int kWarpsN_dKV_,
+          int kWarpsM_dQ_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  // S, dP: kBlockM x kBlockN
+  static constexpr int kWarpsM_SdP = kWarpsM_SdP_, kWarpsN_SdP = kNWarps / kWarpsM_SdP_;
+  static constexpr int kMT_s = kBlockM / kWarpsM_SdP / 16, kNT_s = kBlockN / kWarpsN_SdP / 8;
+  // dK, dV: kBlockN x kHeadDim
+  static constexpr int kWarpsN_dKV = kWarpsN_dKV_, kWarpsD_dKV = kNWarps / kWarpsN_dKV_;
+  static constexpr int kMT_kv = kBlockN / kWarpsN_dKV / 16, kNT_kv = kHeadDim / kWarpsD_dKV / 8;
+  // dQ: kBlockM x kHeadDim
+  static constexpr int kWarpsM_dQ = kWarpsM_dQ_, kWarpsD_dQ = kNWarps / kWarpsM_dQ_;
+  static constexpr int kMT_q = kBlockM / kWarpsM_dQ / 16, kNT_q = kHeadDim / kWarpsD_dQ / 8;
+  static_assert(kMT_s >= 1 && kNT_s >= 2 && kMT_kv >= 1 && kNT_kv >= 2 && kMT_q >= 1 && kNT_q >= 2,
+                "warp tiles must be at least 16 x 16");
+  // shared memory (bytes); every tile offset is a multiple of 256 (operand pointers need it)
+  static constexpr int kTileQ = kBlockM * kHeadDim * 2;
+  static constexpr int kTileK = kBlockN * kHeadDim * 2;
+  static constexpr int kTileP = kBlockM * kBlockN * 2;
+  static constexpr int kOffK = 0, kOffV = kTileK, kOffQ = 2 * kTileK, kOffdO = kOffQ + 2 * kTileQ;
+  static constexpr int kOffP = kOffdO + 2 * kTileQ, kOffdS = kOffP + kTileP;
+  static constexpr int kOffLse = kOffdS + kTileP, kOffDelta = kOffLse + 2 * kBlockM * 4;
+  static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 256;  // + alignment slack
+  static_assert(kOffLse % 256 == 0, "tiles must stay 256-byte aligned");
+};
+
+// Tile configurations. Key blocks of 128 (as FlashAttention-2: the dQ atomics scale with the
+// number of key blocks) and 8 warps. dK + dV hold 2 * 128 * d / 256 registers per thread (64 or
+// 128), so the query block is sized to fit the rest without spills under nvcc 13: 64 queries
+// for d=64 (S + dP: 64 registers), 32 for d=128 (S + dP: 32; FlashAttention-2's 64 spills here).
+// Shared memory: 97 KB (d=64), 113 KB (d=128).
+template <int kHeadDim>
+struct BwdConfig;
+template <>
+struct BwdConfig<64> {
+  using Traits = BwdTraits<64, 64, 128, 8, 2, 4, 4>;
+};
+template <>
+struct BwdConfig<128> {
+  using Traits = BwdTraits<128, 32, 128, 8, 2, 4, 2>;
+};
+
+__device__ __forceinline__ void atomic_add_pair(float* addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(addr), make_float2(a, b));
+#else
+  atomicAdd(addr, a);
+  atomicAdd(addr + 1, b);
+#endif
+}
+
+// 16-byte cp.async of kRows fp32 values (rows of lse_log2 / delta; the buffers are padded).
+template <int kRows>
+__device__ __forceinline__ void load_rowvec_async(uint32_t smem, const float* gmem, int idx) {
+  if (idx >= 0 && idx < kRows / 4) cp_async_16(smem + idx * 16, gmem + idx * 4, true);
+}
+
+template <typename T, typename Kt>
+__global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashBwdParams p) {
+  constexpr int kHeadDim = Kt::kHeadDim, kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kThreads = Kt::kThreads;
+  constexpr int kMT_s = Kt::kMT_s, kNT_s = Kt::kNT_s, kMT_kv = Kt::kMT_kv, kNT_kv = Kt::kNT_kv;
+  constexpr int kMT_q = Kt::kMT_q, kNT_q = Kt::kNT_q;
+  extern __shared__ __align__(128) char smem_raw[];
+  char* smem = smem_raw + ((256u - (smem_u32(smem_raw) & 255u)) & 255u);
+  const uint32_t s0 = smem_u32(smem);
+  const uint32_t sK = s0 + Kt::kOffK, sV = s0 + Kt::kOffV, sQ = s0 + Kt::kOffQ, sdO = s0 + Kt::kOffdO;
+  const uint32_t sP = s0 + Kt::kOffP, sdS = s0 + Kt::kOffdS;
+  const float* sLse = reinterpret_cast<const float*>(smem + Kt::kOffLse);
+  const float* sDelta = reinterpret_cast<const float*>(smem + Kt::kOffDelta);
+
+  const int tid_ = threadIdx.x, tid = tid_, lane = tid & 31, warp = tid >> 5;
+  const int num_n_blocks = (p.sk + kBlockN - 1) / kBlockN;
+  const int num_m_blocks = (p.sq + kBlockM - 1) / kBlockM;
+  const int grid_n = p.deterministic ? p.dq_splits : num_n_blocks;
+  const int x = blockIdx.x % grid_n;
+  const int bh = blockIdx.x / grid_n;
+  const int hk = bh % p.hkv, b_ = bh / p.hkv;
+  const int group = p.hq / p.hkv;
+  const int sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
+  const int d_chunks = p.d / 8;
+  const MaskInfo mask{p.sk, p.sk - p.sq, p.causal};
+  const float scale_log2 = p.scale * kLog2e;
+  float* dq_accum = p.dq_accum + (p.deterministic ? static_cast<int64_t>(x) * p.batch * p.hq * p.sq * p.d : 0);
+
+  // warp tiles
+  const int s_row0 = (warp / Kt::kWarpsN_SdP) * (kMT_s * 16), s_col0 = (warp % Kt::kWarpsN_SdP) * (kNT_s * 8);
+  const int kv_row0 = (warp / Kt::kWarpsD_dKV) * (kMT_kv * 16), kv_col0 = (warp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
+  const int q_row0 = (warp / Kt::kWarpsD_dQ) * (kMT_q * 16), q_col0 = (warp % Kt::kWarpsD_dQ) * (kNT_q * 8);
+
+  for (int n_block = x; n_block < num_n_blocks; n_block += grid_n) {
+    const int n0 = n_block * kBlockN;
+    // Query blocks that see some key of this block: causal rows i >= n0 - offset.
+    int m_begin = 0;
+    if (p.causal) m_begin = max(0, n0 - mask.offset) / kBlockM;
+    const int nm = max(0, num_m_blocks - m_begin);
+    const int total = nm * group;
+
+    float acc_dk[kMT_kv][kNT_kv][4], acc_dv[kMT_kv][kNT_kv][4];
+    clear(acc_dk);
+    clear(acc_dv);
+
+    // Prefetch (query head, query block) number `it` into buffer `buf`.
+    // Indices go through opaque() so that the compiler recomputes the 64-bit offsets each step
+    // instead of keeping them live (or spilled) across the loop.
+    auto prefetch = [&](int it, int buf) {
+      const int b = static_cast<int>(opaque(static_cast<uint32_t>(b_)));  // (shadows nothing: b_ is the CTA's batch)
+      const int tid = static_cast<int>(opaque(static_cast<uint32_t>(tid_)));
+      const int h = hk * group + it / nm;
+      const int m0 = (m_begin + it % nm) * kBlockM;
+      const int rows = p.sq - m0;
+      const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride;
+      const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride;
+      load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Kt::kTileQ, q + m0 * p.q.row_stride, p.q.row_stride,
+                                                   rows, d_chunks, q, tid);
+      load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Kt::kTileQ, dout + m0 * p.dout.row_stride,
+                                                   p.dout.row_stride, rows, d_chunks, dout, tid);
+      const int64_t row_off = (static_cast<int64_t>(b) * p.hq + h) * sq_pad + m0;
+      load_rowvec_async<kBlockM>(smem_u32(sLse + buf * kBlockM), p.lse_log2 + row_off, tid);
+      load_rowvec_async<kBlockM>(smem_u32(sDelta + buf * kBlockM), p.delta + row_off, tid - kBlockM / 4);
+    };
+
+    if (total > 0) {
+      const int bo = static_cast<int>(opaque(static_cast<uint32_t>(b_)));
+      const T* kbase = static_cast<const T*>(p.k.ptr) + bo * p.k.batch_stride + hk * p.k.head_stride;
+      const T* vbase = static_cast<const T*>(p.v.ptr) + bo * p.v.batch_stride + hk * p.v.head_stride;
+      load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kbase + n0 * p.k.row_stride, p.k.row_stride, p.sk - n0,
+                                                   d_chunks, kbase, tid);
+      load_tile_async<kBlockN, kHeadDim, kThreads>(sV, vbase + n0 * p.v.row_stride, p.v.row_stride, p.sk - n0,
+                                                   d_chunks, vbase, tid);
+      prefetch(0, 0);
+      cp_async_commit();
+    }
+
+    for (int it = 0; it < total; ++it) {
+      const int buf = it & 1;
+      const int h = hk * group + it / nm;
+      const int m0 = (m_begin + it % nm) * kBlockM;
+      cp_async_wait<0>();
+      __syncthreads();  // this step's Q/dO/lse/delta landed; every warp finished the previous step
+      if (it + 1 < total) {
+        prefetch(it + 1, buf ^ 1);
+        cp_async_commit();
+      }
+      const uint32_t boff = static_cast<uint32_t>(buf * Kt::kTileQ);
+      // Operand pointers are rebuilt each step from an opaque lane id (a few integer ops) rather
+      // than kept live across the loop next to the 2 x kMT_kv x kNT_kv x 4 dK/dV accumulators.
+      const int ln = static_cast<int>(opaque(static_cast<uint32_t>(lane)));
+
+      // S = Q K^T and dP = dO V^T (warp tile s_row0.., s_col0..)
+      float acc_s[kMT_s][kNT_s][4], acc_dp[kMT_s][kNT_s][4];
+      warp_gemm_ss<T, kMT_s, kNT_s, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
+          acc_s, operand_a<kHeadDim, false>(sQ + boff, s_row0, ln), operand_b<kHeadDim, false>(sK, s_col0, ln));
+      if (mask.tile_needs_mask(m0, n0, kBlockN)) apply_mask(acc_s, m0 + s_row0, n0 + s_col0, lane, mask);
+      warp_gemm_ss<T, kMT_s, kNT_s, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
+          acc_dp, operand_a<kHeadDim, false>(sdO + boff, s_row0, ln), operand_b<kHeadDim, false>(sV, s_col0, ln));
+
+      // P = exp2(S * scale*log2e - lse*log2e); dS = P * (dP - delta)
+      const float* lse_b = sLse + buf * kBlockM;
+      const float* delta_b = sDelta + buf * kBlockM;
+#pragma unroll
+      for (int mt = 0; mt < kMT_s; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = s_row0 + mt * 16 + (lane >> 2) + 8 * hh;
+          const float lse2 = lse_b[r], dl = delta_b[r];
+#pragma unroll
+          for (int nt = 0; nt < kNT_s; ++nt) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const float pr = fast_exp2(fmaf(acc_s[mt][nt][2 * hh + j], scale_log2, -lse2));
+              acc_s[mt][nt][2 * hh + j] = pr;
+              acc_dp[mt][nt][2 * hh + j] = pr * (acc_dp[mt][nt][2 * hh + j] - dl);
+            }
+          }
+        }
+      }
+      store_acc_to_smem<T, kMT_s, kNT_s, kBlockN>(acc_s, smem + Kt::kOffP, s_row0, s_col0, lane, 1.f);
+      store_acc_to_smem<T, kMT_s, kNT_s, kBlockN>(acc_dp, smem + Kt::kOffdS, s_row0, s_col0, lane, 1.f);
+      __syncthreads();  // P and dS complete
+
+      // dV += P^T dO, dK += dS^T Q   (warp tile kv_row0.. keys x kv_col0.. dims; k = the query block)
+      warp_gemm_ss<T, kMT_kv, kNT_kv, kBlockM, kBlockN, kHeadDim, true, true>(
+          acc_dv, operand_a<kBlockN, true>(sP, kv_row0, ln), operand_b<kHeadDim, true>(sdO + boff, kv_col0, ln));
+      warp_gemm_ss<T, kMT_kv, kNT_kv, kBlockM, kBlockN, kHeadDim, true, true>(
+          acc_dk, operand_a<kBlockN, true>(sdS, kv_row0, ln), operand_b<kHeadDim, true>(sQ + boff, kv_col0, ln));
+
+      // dQ (+)= dS K   (warp tile q_row0.. queries x q_col0.. dims; k = this key block)
+      float acc_dq[kMT_q][kNT_q][4];
+      warp_gemm_ss<T, kMT_q, kNT_q, kBlockN, kBlockN, kHeadDim, false, true, true>(
+          acc_dq, operand_a<kBlockN, false>(sdS, q_row0, ln), operand_b<kHeadDim, true>(sK, q_col0, ln));
+      const int bq = static_cast<int>(opaque(static_cast<uint32_t>(b_)));
+      float* dq_head = dq_accum + (static_cast<int64_t>(bq) * p.hq + h) * p.sq * p.d;
+#pragma unroll
+      for (int mt = 0; mt < kMT_q; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = m0 + q_row0 + mt * 16 + (lane >> 2) + 8 * hh;
+          if (row < p.sq) {
+            float* dq_row = dq_head + static_cast<int64_t>(row) * p.d;
+#pragma unroll
+            for (int nt = 0; nt < kNT_q; ++nt) {
+              const int col = q_col0 + nt * 8 + 2 * (lane & 3);
+              if (col < p.d) atomic_add_pair(dq_row + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
+            }
+          }
+        }
+      }
+    }
+
+    // Epilogue: dK (scaled) and dV through shared memory (the K and V buffers) to global memory.
+    __syncthreads();  // every warp is done with K, V and the last step's buffers
+    {
+      const int etid = static_cast<int>(opaque(threadIdx.x)), elane = etid & 31, ewarp = etid >> 5;
+      const int er0 = (ewarp / Kt::kWarpsD_dKV) * (kMT_kv * 16), ec0 = (ewarp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
+      store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dk, smem + Kt::kOffK, er0, ec0, elane, p.scale);
+      store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dv, smem + Kt::kOffV, er0, ec0, elane, 1.f);
+    }
+    __syncthreads();
+    {
+      const int etid = static_cast<int>(opaque(threadIdx.x));
+      const int bo = static_cast<int>(opaque(static_cast<uint32_t>(b_)));
+      T* dk = static_cast<T*>(p.dk.ptr) + bo * p.dk.batch_stride + hk * p.dk.head_stride + n0 * p.dk.row_stride;
+      T* dv = static_cast<T*>(p.dv.ptr) + bo * p.dv.batch_stride + hk * p.dv.head_stride + n0 * p.dv.row_stride;
+      store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffK, dk, p.dk.row_stride, p.sk - n0, d_chunks, etid);
+      store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffV, dv, p.dv.row_stride, p.sk - n0, d_chunks, etid);
+    }
+    __syncthreads();  // the next key block (deterministic mode) reloads K and V
+  }
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_flash_bwd_sm80(const FlashBwdParams& p, cudaStream_t stream) {
+  using Kt = typename BwdConfig<kHeadDim>::Traits;
+  const int64_t num_n_blocks = (p.sk + Kt::kBlockN - 1) / Kt::kBlockN;
+  const int64_t grid_n = p.deterministic ? p.dq_splits : num_n_blocks;
+  const int64_t grid = grid_n * p.batch * p.hkv;
+  if (grid <= 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  auto kernel = flash_bwd_kernel<T, Kt>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kt::kSmem);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), Kt::kThreads, Kt::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace attn
+}  // namespace gptk

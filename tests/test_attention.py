@@ -1,0 +1,584 @@
+"""Attention: the reference semantics (CPU, in CI), op registration (opcheck, torch.compile), input
+checks, and the CUDA kernels (forward, backward, decode) against a float32 reference.
+
+Kernel accuracy follows FlashAttention's rule: the kernel's max error against the fp32 math must be
+at most 2x (plus a small epsilon) the error of the same math done by PyTorch in the inputs' low
+precision (attention_ref(upcast=False)).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkernels
+from gptkernels import _backend
+from gptkernels.nn import functional as GF
+from gptkernels.ops import attention as A
+
+EXT = _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd")
+needs_ext = pytest.mark.skipif(not EXT, reason="extension not built")
+
+
+def rand_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, device="cpu", layout="bhsd", requires_grad=False):
+    def mk(H, S):
+        shape = (B, H, S, D) if layout == "bhsd" else (B, S, H, D)
+        return torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+    return mk(Hq, Sq), mk(Hkv, Sk), mk(Hkv, Sk)
+
+
+def close(a, b):
+    """attention_ref computes in fp32 (also for fp64 inputs): compare at fp32 accuracy."""
+    torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=2e-5)
+
+
+def sdpa_reference(q, k, v, causal, scale, kv_lens=None):
+    """torch's SDPA with an explicit boolean mask implementing our (bottom-right, kv_lens) rules, and
+    the matching lse; inputs (B, H, S, D)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    kx, vx = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    j = torch.arange(Sk)
+    i = torch.arange(Sq)
+    lens = kv_lens.long() if kv_lens is not None else torch.full((B,), Sk)
+    allowed = (j[None, None, :] < lens[:, None, None]).expand(B, Sq, Sk)
+    if causal:
+        allowed = allowed & (j[None, None, :] <= i[None, :, None] + (lens[:, None, None] - Sq))
+    allowed = allowed[:, None]
+    s = (q @ kx.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    any_row = allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=allowed | ~any_row, scale=scale)
+    out = out.masked_fill(~any_row, 0.0)  # rows that see no key: zeros (torch would average all keys)
+    return out, lse
+
+
+# ---- reference semantics (CPU) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (5, 5), (3, 9), (9, 3), (1, 7), (16, 16)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
+def test_reference_matches_sdpa_masks(causal, sq, sk, hq, hkv):
+    q, k, v = rand_qkv(2, hq, hkv, sq, sk, 8, dtype=torch.float64)
+    out, lse = A.attention_ref(q, k, v, causal, 0.3)
+    out_t, lse_t = sdpa_reference(q, k, v, causal, 0.3)
+    close(out, out_t)
+    close(lse, lse_t)
+
+
+def test_reference_matches_torch_sdpa_directly():
+    """No masks to build: plain, causal with Sq == Sk (where top-left == bottom-right), GQA."""
+    q, k, v = rand_qkv(2, 6, 2, 11, 11, 16, dtype=torch.float64)
+    for causal in (False, True):
+        out, _ = A.attention_ref(q, k, v, causal)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        close(out, ref)
+
+
+def test_reference_bottom_right_causal():
+    """Sq < Sk: the last query sees every key (decoding); Sq > Sk: the first Sq - Sk rows see none."""
+    q, k, v = rand_qkv(1, 2, 2, 3, 8, 4, dtype=torch.float64)
+    out, lse = A.attention_ref(q, k, v, True, 0.5)
+    full, _ = A.attention_ref(q[:, :, -1:], k, v, False, 0.5)
+    close(out[:, :, -1:], full)
+    q, k, v = rand_qkv(1, 2, 2, 8, 3, 4, dtype=torch.float64)
+    out, lse = A.attention_ref(q, k, v, True, 0.5)
+    assert torch.all(out[:, :, :5] == 0) and torch.all(lse[:, :, :5] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 5:]).all()
+
+
+def test_reference_kv_lens_and_bshd():
+    B, Hq, Hkv, Sq, Sk, D = 3, 4, 2, 2, 10, 8
+    q, k, v = rand_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float64, layout="bshd")
+    kv_lens = torch.tensor([10, 4, 0], dtype=torch.int32)
+    for causal in (False, True):
+        out, lse = A.attention_ref(q, k, v, causal, 0.25, "bshd", kv_lens)
+        ref, lse_r = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, 0.25, kv_lens)
+        close(out, ref.transpose(1, 2))
+        close(lse, lse_r)
+        # batch 1 only uses its first 4 keys: garbage past them changes nothing
+        k2, v2 = k.clone(), v.clone()
+        k2[1, 4:], v2[1, 4:] = 1e4, float("nan")
+        out2, _ = A.attention_ref(q, k2, v2, causal, 0.25, "bshd", kv_lens)
+        torch.testing.assert_close(out2[1], out[1])
+        assert torch.all(out[2] == 0)  # kv_lens = 0
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("causal,sq,sk", [(False, 7, 5), (True, 7, 7), (True, 4, 9), (True, 9, 4)])
+def test_bwd_reference_matches_autograd(layout, causal, sq, sk):
+    q, k, v = rand_qkv(2, 4, 2, sq, sk, 8, dtype=torch.float64, layout=layout, requires_grad=True)
+    out, lse = A.attention_ref(q, k, v, causal, 0.4, layout)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    dlse = dlse.masked_fill(lse == float("-inf"), 0.0)
+    (out * dout).sum().backward(retain_graph=True)
+    (lse.masked_fill(lse == float("-inf"), 0.0) * dlse).sum().backward()
+    dq, dk, dv = A.attention_bwd_ref(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dlse,
+                                     causal, 0.4, layout)
+    close(dq, q.grad)
+    close(dk, k.grad)
+    close(dv, v.grad)
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+
+
+def test_flash_attention_cpu_is_reference_and_contiguous():
+    q, k, v = rand_qkv(2, 4, 1, 5, 6, 8, layout="bshd")
+    out, lse = GF.flash_attention(q, k, v, causal=True, layout="bshd")
+    ref, lse_r = A.attention_ref(q, k, v, True, None, "bshd")
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, lse_r)
+    assert out.is_contiguous() and out.shape == q.shape
+    assert out.view(2, 5, 4 * 8).shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(is_causal=True), dict(scale=0.3), dict(dropout_p=0.0)])
+def test_sdpa_dropin_cpu_matches_torch(kwargs):
+    q, k, v = rand_qkv(2, 3, 3, 6, 6, 8)
+    torch.testing.assert_close(GF.scaled_dot_product_attention(q, k, v, **kwargs),
+                               F.scaled_dot_product_attention(q, k, v, **kwargs))
+    q, k, v = rand_qkv(2, 4, 2, 3, 6, 8)
+    torch.testing.assert_close(GF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    mask = torch.rand(3, 6) > 0.3
+    mask[:, 0] = True
+    torch.testing.assert_close(GF.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+
+
+def test_sdpa_dropin_requires_enable_gqa_like_torch():
+    q, k, v = rand_qkv(1, 4, 2, 3, 3, 8)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError):
+        GF.scaled_dot_product_attention(q, k, v)
+
+
+def test_bad_input():
+    q, k, v = rand_qkv(2, 4, 2, 5, 6, 8)
+    with pytest.raises(ValueError, match="k: head dim"):
+        GF.flash_attention(q, torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16))
+    with pytest.raises(ValueError, match="q: expected dtype"):
+        GF.flash_attention(q.long(), k, v)
+    with pytest.raises(ValueError, match="k has dtype"):
+        GF.flash_attention(q, k.half(), v.half())
+    with pytest.raises(ValueError, match="must divide"):
+        GF.flash_attention(q, torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8))
+    with pytest.raises(ValueError, match="v: expected the shape of k"):
+        GF.flash_attention(q, k, torch.randn(2, 2, 7, 8))
+    with pytest.raises(ValueError, match="layout"):
+        GF.flash_attention(q, k, v, layout="sbhd")
+    with pytest.raises(ValueError, match="kv_lens: expected shape"):
+        GF.flash_attention(q, k, v, kv_lens=torch.tensor([1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_lens: expected dtype"):
+        GF.flash_attention(q, k, v, kv_lens=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="expected 4 dimensions"):
+        GF.flash_attention(q[0], k[0], v[0])
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
+        GF.flash_attention(None, k, v)
+
+
+@needs_ext
+def test_kernel_unsupported_reasons():
+    q = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16)
+    assert A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, None, True) is None
+    assert A.kernel_unsupported_reason(q, 40, 3, 3, 0.125, None, True) is None  # padded to 64
+    assert "head_dim 256" in A.kernel_unsupported_reason(q, 256, 3, 3, 0.125, None, False)
+    assert "head_dim 36" in A.kernel_unsupported_reason(q, 36, 3, 3, 0.125, None, False)
+    assert "float32" in A.kernel_unsupported_reason(q.float(), 64, 3, 3, 0.125, None, False)
+    assert "scale" in A.kernel_unsupported_reason(q, 64, 3, 3, -1.0, None, False)
+    assert "kv_lens" in A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, torch.ones(1), True)
+    assert A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, torch.ones(1), False) is None
+
+
+# ---- op registration (CPU: the ops' CPU implementation is the reference) ----------------------
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_fwd_cpu(layout, causal):
+    q, k, v = rand_qkv(2, 4, 2, 5, 7, 8, layout=layout, requires_grad=True)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_fwd, (q, k, v, causal, 0.35, layout, None, False))
+    kv_lens = torch.tensor([7, 3], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_fwd,
+                          (q.detach(), k.detach(), v.detach(), causal, 0.35, layout, kv_lens, False))
+
+
+@needs_ext
+@pytest.mark.skipif(not (EXT and hasattr(torch.ops.gptkernels, "flash_attn_bwd")), reason="no backward op")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_opcheck_bwd_cpu(layout):
+    q, k, v = rand_qkv(2, 4, 2, 5, 7, 8, layout=layout)
+    out, lse = A.attention_ref(q, k, v, True, 0.35, layout)
+    out = out.contiguous()
+    dout = torch.randn_like(out)
+    for dlse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(torch.ops.gptkernels.flash_attn_bwd,
+                              (dout, q, k, v, out, lse, dlse, True, 0.35, layout, False))
+
+
+@needs_ext
+@pytest.mark.skipif(not (EXT and hasattr(torch.ops.gptkernels, "flash_attn_decode")), reason="no decode op")
+def test_opcheck_decode_cpu():
+    q, k, v = rand_qkv(2, 4, 2, 1, 9, 8, layout="bshd")
+    kv_lens = torch.tensor([9, 4], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_decode, (q, k, v, True, 0.35, "bshd", kv_lens))
+
+
+@needs_ext
+def test_autograd_through_op_cpu():
+    """The registered autograd (which calls the backward op, reference on CPU) matches autograd of
+    the reference, including a gradient flowing into lse."""
+    q, k, v = rand_qkv(2, 4, 2, 6, 6, 8, dtype=torch.float64, requires_grad=True)
+    out, lse = torch.ops.gptkernels.flash_attn_fwd(q, k, v, True, 0.3, "bhsd", None, False)
+    (out.sum() + (lse * 0.5).sum()).backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    out_r, lse_r = A.attention_ref(q, k, v, True, 0.3)
+    (out_r.sum() + (lse_r * 0.5).sum()).backward()
+    for g, t in zip(grads, (q, k, v)):
+        close(g, t.grad)
+
+
+def test_compile_fullgraph_cpu():
+    def f(q, k, v):
+        out, lse = GF.flash_attention(q, k, v, causal=True, layout="bshd")
+        return out.sum() + lse.sum()
+
+    q, k, v = rand_qkv(2, 4, 2, 5, 5, 8, layout="bshd", requires_grad=True)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    cf(q, k, v).backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).backward()
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
+    g = torch.compile(lambda q, k, v: GF.scaled_dot_product_attention(q, k, v, is_causal=True), fullgraph=True,
+                      backend="aot_eager")
+    q, k, v = rand_qkv(1, 2, 2, 4, 4, 8)
+    torch.testing.assert_close(g(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# ---- CUDA kernels ------------------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16]
+EPS = {torch.bfloat16: 1e-3, torch.float16: 2e-4}
+
+
+def poison_cuda_cache(nbytes=256 << 20):
+    """Fill free memory of torch's caching allocator with NaN so that outputs the kernels fail to write
+    show up as NaN (new allocations reuse the freed blocks): one large block (the large pool) and a few
+    sub-1 MB blocks (the small pool, where outputs under 1 MB come from)."""
+    big = torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+    small = [torch.empty((1 << 18) - 256, device="cuda").fill_(float("nan")) for _ in range(16)]
+    torch.cuda.synchronize()
+    del big, small
+
+
+def max_err(a, b):
+    a, b = a.float(), b.float()
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a.sign() == b.sign())
+    d = (a - b).abs().masked_fill(both_inf, 0.0)
+    return d.max().item() if d.numel() else 0.0
+
+
+def assert_2x(name, got, ref, base, dtype):
+    """FlashAttention's rule: error(got) <= 2 * error(low-precision PyTorch) + eps (scaled by |ref|)."""
+    assert not got.isnan().any(), f"{name}: NaN in the kernel's result"
+    e, e0 = max_err(got, ref), max_err(base, ref)
+    scale = max(1.0, ref.float().abs().max().item()) if ref.numel() else 1.0
+    assert e <= 2 * e0 + EPS[dtype] * scale, f"{name}: kernel error {e:.3e} > 2 x PyTorch {dtype} error {e0:.3e}"
+
+
+def run_kernel_fwd(q, k, v, causal, scale, layout, kv_lens=None, decode=False):
+    op = torch.ops.gptkernels.flash_attn_decode if decode else torch.ops.gptkernels.flash_attn_fwd
+    args = (q, k, v, causal, scale, layout, kv_lens) + (() if decode else (False,))
+    poison_cuda_cache()
+    return op(*args)
+
+
+def check_fwd(B, Hq, Hkv, Sq, Sk, D, dtype, causal, layout="bhsd", kv_lens=None, decode=False, qkv=None):
+    q, k, v = qkv if qkv is not None else rand_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda", layout)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = run_kernel_fwd(q, k, v, causal, scale, layout, kv_lens, decode)
+    ref, lse_ref = A.attention_ref(q, k, v, causal, scale, layout, kv_lens, upcast=True)
+    base, _ = A.attention_ref(q, k, v, causal, scale, layout, kv_lens, upcast=False)
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == dtype
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    assert_2x("out", out, ref, base, dtype)
+    assert not lse.isnan().any(), "lse: NaN"
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf rows differ"
+    fin = torch.isfinite(lse_ref)
+    assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item() if fin.any() else 1.0)
+    return out, lse
+
+
+SEQS = [(1, 1), (1, 1023), (17, 17), (17, 113), (113, 17), (113, 203), (1000, 1000), (1023, 1023), (1000, 2048),
+        (2048, 2048)]
+GQA = [(8, 8), (8, 2), (8, 1)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,sk", SEQS)
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
+    B = 2 if sq * sk <= 1024 * 1024 else 1
+    check_fwd(B, hq, hkv, sq, sk, D, dtype, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [8, 40, 96, 120])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fwd_kernel_padded_head_dims(D, causal):
+    check_fwd(2, 4, 2, 77, 130, D, torch.bfloat16, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_fwd_kernel_bshd(dtype, causal, D):
+    check_fwd(2, 6, 2, 257, 300, D, dtype, causal, layout="bshd")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_fwd_kernel_fused_qkv_views(causal):
+    """q, k, v as strided views of one (B, S, (Hq + 2 Hkv) * D) projection, as the GPT block feeds them."""
+    B, S, Hq, Hkv, D = 2, 301, 8, 2, 64
+    qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16).view(B, S, Hq + 2 * Hkv, D)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+    assert not q.is_contiguous()
+    out, _ = check_fwd(B, Hq, Hkv, S, S, D, torch.bfloat16, causal, layout="bshd", qkv=(q, k, v))
+    assert out.view(B, S, Hq * D).shape == (B, S, Hq * D)
+
+
+@pytest.mark.cuda
+def test_fwd_kernel_unaligned_inputs_are_copied():
+    """A q that starts off a 16-byte boundary (or has odd strides) is copied by the binding, not misread."""
+    base = torch.randn(2 * 4 * 50 * 64 + 3, device="cuda", dtype=torch.float16)
+    q = base[3:].view(2, 4, 50, 64)
+    k = torch.randn(2, 4, 70, 72, device="cuda", dtype=torch.float16)[..., :64]  # row stride 72, fine
+    v = torch.randn(2, 4, 70, 64, device="cuda", dtype=torch.float16)
+    check_fwd(2, 4, 4, 50, 70, 64, torch.float16, True, qkv=(q, k, v))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq", [1, 2, 4])
+@pytest.mark.parametrize("hq,hkv", [(12, 12), (8, 2), (4, 1)])
+def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv):
+    """A static cache (B, S_max, Hkv, D) filled to kv_lens[b]; the rest holds NaN, which must never be
+    read. Both the forward kernel and the split-KV decode kernel."""
+    if decode and not hasattr(torch.ops.gptkernels, "flash_attn_decode"):
+        pytest.skip("no decode op in this build")
+    B, S_max = 5, 1024
+    q = torch.randn(B, sq, hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, S_max, hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, S_max, hkv, D, device="cuda", dtype=dtype)
+    kv_lens = torch.tensor([1024, 1, 0, 517, 64], device="cuda", dtype=torch.int32)
+    for b, n in enumerate(kv_lens.tolist()):
+        k[b, n:], v[b, n:] = float("nan"), float("nan")
+    kr, vr = k, v  # the reference masks keys past kv_lens (and zeroes those values)
+    scale = 1.0 / math.sqrt(D)
+    for causal in (False, True):
+        out, lse = run_kernel_fwd(q, k, v, causal, scale, "bshd", kv_lens, decode)
+        ref, lse_ref = A.attention_ref(q, kr, vr, causal, scale, "bshd", kv_lens, upcast=True)
+        base, _ = A.attention_ref(q, kr, vr, causal, scale, "bshd", kv_lens, upcast=False)
+        assert_2x("out", out, ref, base, dtype)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+        fin = torch.isfinite(lse_ref)
+        assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item())
+
+
+@pytest.mark.cuda
+def test_fwd_small_sanitize():
+    """Small shapes for compute-sanitizer runs (tools/device_check.sh --sanitize picks 'sanitize')."""
+    for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
+        for causal in (False, True):
+            check_fwd(1, 2, 1, sq, sk, 64, torch.bfloat16, causal)
+            check_fwd(1, 2, 2, sq, sk, 128, torch.float16, causal, layout="bshd")
+
+
+@pytest.mark.cuda
+def test_flash_attention_kernel_mode_and_fallback():
+    q, k, v = rand_qkv(1, 2, 2, 33, 33, 64, torch.bfloat16, "cuda")
+    with gptkernels.backend("kernel"):
+        out, _ = GF.flash_attention(q, k, v, causal=True)
+    ref, _ = A.attention_ref(q, k, v, True, None, upcast=True)
+    base, _ = A.attention_ref(q, k, v, True, None, upcast=False)
+    assert_2x("out", out, ref, base, torch.bfloat16)
+    q2, k2, v2 = rand_qkv(1, 2, 2, 33, 33, 256, torch.bfloat16, "cuda")
+    with gptkernels.backend("kernel"), pytest.raises(ValueError, match="head_dim 256"):
+        GF.flash_attention(q2, k2, v2)
+    with pytest.warns(UserWarning, match="head_dim 256"):
+        out2, _ = GF.flash_attention(q2, k2, v2)
+    torch.testing.assert_close(out2, A.attention_ref(q2, k2, v2)[0])
+
+
+@pytest.mark.cuda
+def test_cpu_cuda_mix_raises():
+    q, k, v = rand_qkv(1, 2, 2, 4, 4, 64)
+    with pytest.raises(ValueError, match="k is on cpu"):
+        GF.flash_attention(q.cuda(), k, v.cuda())
+    with pytest.raises(ValueError, match="kv_lens is on cpu"):
+        GF.flash_attention(q.cuda(), k.cuda(), v.cuda(), kv_lens=torch.ones(1, dtype=torch.int32))
+
+
+@pytest.mark.cuda
+def test_opcheck_fwd_cuda():
+    q, k, v = rand_qkv(2, 4, 2, 37, 50, 64, torch.bfloat16, "cuda", "bshd", requires_grad=True)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_fwd, (q, k, v, True, 0.125, "bshd", None, False))
+
+
+@pytest.mark.cuda
+def test_compile_fullgraph_cuda():
+    f = torch.compile(lambda q, k, v: GF.flash_attention(q, k, v, causal=True, layout="bshd")[0], fullgraph=True)
+    q, k, v = rand_qkv(2, 4, 2, 100, 100, 64, torch.bfloat16, "cuda", "bshd")
+    ref, _ = A.attention_ref(q, k, v, True, None, "bshd", upcast=True)
+    base, _ = A.attention_ref(q, k, v, True, None, "bshd", upcast=False)
+    assert_2x("out", f(q, k, v), ref, base, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_dropin_cuda(causal):
+    q, k, v = rand_qkv(2, 4, 4, 200, 200, 64, torch.float16, "cuda")
+    with gptkernels.backend("kernel"):
+        out = GF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    base = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert_2x("out", out, ref, base, torch.float16)
+    # causal with Sq != Sk is top-left in torch: routed to torch's SDPA, same result
+    q2 = q[:, :, :50]
+    torch.testing.assert_close(GF.scaled_dot_product_attention(q2, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q2, k, v, is_causal=True))
+
+
+# ---- CUDA backward -------------------------------------------------------------------------------
+
+def grads_of(fn, tensors, dout, dlse=None):
+    for t in tensors:
+        t.grad = None
+    out, lse = fn()
+    loss = (out.float() * dout.float()).sum()
+    if dlse is not None:
+        loss = loss + (lse.masked_fill(torch.isneginf(lse), 0.0) * dlse).sum()
+    loss.backward()
+    return out, [t.grad for t in tensors]
+
+
+def check_bwd(B, Hq, Hkv, Sq, Sk, D, dtype, causal, layout="bhsd", deterministic=False, with_dlse=False, qkv=None):
+    q, k, v = qkv if qkv is not None else rand_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda", layout, requires_grad=True)
+    scale = 1.0 / math.sqrt(D)
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype)
+    dlse = torch.randn(B, Hq, Sq, device="cuda") if with_dlse else None
+    poison_cuda_cache()
+    with gptkernels.backend("kernel"):
+        out, g = grads_of(lambda: GF.flash_attention(q, k, v, causal, scale, layout, deterministic=deterministic),
+                          (q, k, v), dout, dlse)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _, g_ref = grads_of(lambda: A.attention_ref(q32, k32, v32, causal, scale, layout, upcast=True), (q32, k32, v32),
+                        dout, dlse)
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _, g_base = grads_of(lambda: A.attention_ref(qb, kb, vb, causal, scale, layout, upcast=False), (qb, kb, vb),
+                         dout, dlse)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), g, g_ref, g_base):
+        assert got.shape == ref.shape and got.dtype == dtype, name
+        assert_2x(name, got, ref, base, dtype)
+    return g
+
+
+BWD_SEQS = [(1, 1), (17, 17), (17, 113), (113, 17), (113, 203), (1000, 1000), (1023, 1023), (2048, 2048)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,sk", BWD_SEQS)
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_bwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
+    B = 2 if sq * sk <= 1024 * 1024 else 1
+    check_bwd(B, hq, hkv, sq, sk, D, dtype, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [40, 96])
+def test_bwd_kernel_padded_head_dims(D):
+    check_bwd(2, 4, 2, 77, 130, D, torch.bfloat16, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_bwd_kernel_bshd_and_dlse(causal, D):
+    check_bwd(2, 6, 2, 257, 300, D, torch.bfloat16, causal, layout="bshd", with_dlse=True)
+
+
+@pytest.mark.cuda
+def test_bwd_kernel_fused_qkv_views():
+    B, S, Hq, Hkv, D = 2, 301, 8, 2, 64
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+    g = check_bwd(B, Hq, Hkv, S, S, D, torch.bfloat16, True, layout="bshd", qkv=(q, k, v))
+    assert all(t.shape == s.shape for t, s in zip(g, (q, k, v)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B,hq,hkv", [(2, 8, 1), (4, 32, 32)])
+def test_bwd_deterministic(D, B, hq, hkv):
+    """deterministic=True: bitwise identical gradients run to run, and as accurate as the default.
+    (4, 32, 32): fewer dq slices than key blocks, so each CTA walks several key blocks in order."""
+    q, k, v = rand_qkv(B, hq, hkv, 1000, 1000, D, torch.bfloat16, "cuda", requires_grad=True)
+    check_bwd(B, hq, hkv, 1000, 1000, D, torch.bfloat16, True, deterministic=True, qkv=(q, k, v))
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(3):
+        with gptkernels.backend("kernel"):
+            _, g = grads_of(lambda: GF.flash_attention(q, k, v, True, None, deterministic=True), (q, k, v), dout)
+        runs.append([t.clone() for t in g])
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_bwd_opcheck_cuda():
+    q, k, v = rand_qkv(2, 4, 2, 37, 50, 64, torch.bfloat16, "cuda", "bshd")
+    out, lse = torch.ops.gptkernels.flash_attn_fwd(q, k, v, True, 0.125, "bshd", None, False)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_bwd,
+                          (dout, q, k, v, out, lse, None, True, 0.125, "bshd", False))
+
+
+@pytest.mark.cuda
+def test_bwd_small_sanitize():
+    """Small backward shapes for compute-sanitizer runs."""
+    for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
+        check_bwd(1, 2, 1, sq, sk, 64, torch.bfloat16, True)
+        check_bwd(1, 2, 2, sq, sk, 128, torch.float16, False, layout="bshd", deterministic=True)
+
+
+@pytest.mark.cuda
+def test_compile_fullgraph_fwd_bwd_cuda():
+    def f(q, k, v):
+        return GF.flash_attention(q, k, v, causal=True, layout="bshd")[0]
+
+    q, k, v = rand_qkv(2, 4, 2, 100, 100, 64, torch.bfloat16, "cuda", "bshd", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    cf = torch.compile(f, fullgraph=True)
+    _, g = grads_of(lambda: (cf(q, k, v), torch.zeros(1, device="cuda")), (q, k, v), dout)
+    g = [t.clone() for t in g]
+    _, g_eager = grads_of(lambda: (f(q, k, v), torch.zeros(1, device="cuda")), (q, k, v), dout)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
