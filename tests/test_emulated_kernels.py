@@ -57,7 +57,9 @@ class Case:
     fn: str                       # name of a run_* function below
     kw: dict = field(default_factory=dict)
     sms: int = 4                  # emulated SM count (grid sizes of persistent / grid-stride kernels)
-    thread_order: int = 0         # 0 forward, 1 reverse, 2 shuffled (within each barrier interval)
+    thread_order: int = 0         # 0/1/2 forward/reverse/shuffled sweeps (warps advance together);
+    #                               3/4 greedy lowest/highest thread first (one warp runs ahead to the next
+    #                               block barrier: exposes a missing __syncthreads between warps)
     block_order: int = 0
     expect: str = "pass"          # "pass", "fault:<regex>" (emulator fault), "crash:<regex>" (sanitizer abort)
 
@@ -92,6 +94,10 @@ def _activation_cases():
                       dict(dtype="fp32", act="relu", rows=130, cols=40), thread_order=1, block_order=1))
     cases.append(Case("bias_act-bf16-gelu_tanh-130x40-shuffled", "activation", "run_bias_act",
                       dict(dtype="bf16", act="gelu_tanh", rows=130, cols=40), thread_order=2, block_order=2))
+    cases.append(Case("bias_act-fp16-gelu-130x520-greedy", "activation", "run_bias_act",
+                      dict(dtype="fp16", act="gelu", rows=130, cols=520), thread_order=3))
+    cases.append(Case("bias_act-fp32-gelu_tanh-130x37-greedy-reverse", "activation", "run_bias_act",
+                      dict(dtype="fp32", act="gelu_tanh", rows=130, cols=37), thread_order=4, block_order=1))
     return cases
 
 
@@ -124,6 +130,10 @@ def _layernorm_cases():
              dict(dtype="fp32", rows=70, cols=2056), thread_order=1, block_order=1),
         Case("layer_norm-bf16-add-w-70x2056-shuffled", "layernorm", "run_layer_norm",
              dict(dtype="bf16", rows=70, cols=2056, residual=True, bias=False), thread_order=2, block_order=2),
+        Case("layer_norm-fp16-add-wb-70x4096-greedy", "layernorm", "run_layer_norm",
+             dict(dtype="fp16", rows=70, cols=4096, residual=True), thread_order=3),
+        Case("layer_norm-bf16-wb-37x264-greedy-reverse", "layernorm", "run_layer_norm",
+             dict(dtype="bf16", rows=37, cols=264), thread_order=4, block_order=1),
     ]
     return cases
 
@@ -159,6 +169,10 @@ def _cross_entropy_cases():
              thread_order=1, block_order=1),
         Case("ce-fp16-mean-4x3000-inplace-shuffled", C, "run_cross_entropy",
              dict(dtype="fp16", rows=4, vocab=3000, inplace=True, ld_pad=3), thread_order=2, block_order=2),
+        Case("ce-bf16-mean-3x20000-inplace-greedy", C, "run_cross_entropy",
+             dict(dtype="bf16", rows=3, vocab=20000, inplace=True), thread_order=3),
+        Case("ce-fp32-sum-3x20001-greedy-reverse", C, "run_cross_entropy",
+             dict(dtype="fp32", rows=3, vocab=20001, reduction="sum", offset=1), thread_order=4),
         # row offsets past 2^31 elements (4 GiB of address space, only the rows touched): 64-bit indexing
         Case("ce-bf16-mean-3x1000-ld2^30-inplace", C, "run_cross_entropy",
              dict(dtype="bf16", rows=3, vocab=1000, huge_ld=2**30 + 8, inplace=True)),
@@ -199,7 +213,50 @@ def _selftest_cases():
     ]
 
 
-CASES = _activation_cases() + _layernorm_cases() + _cross_entropy_cases() + _selftest_cases()
+def _attention_cases():
+    A = "attention"
+    f = "run_attention"
+    return [
+        Case("attn-fwd-bf16-d64-gqa2-17x113-causal", A, f, dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=17, Sk=113, D=64,
+                                                                   causal=True)),
+        Case("attn-fwd-fp16-d128-113x17-bshd", A, f, dict(dtype="fp16", B=1, Hq=2, Hkv=2, Sq=113, Sk=17, D=128,
+                                                           causal=False, layout="bshd")),
+        Case("attn-fwd-bf16-d40-65x129-causal", A, f, dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=65, Sk=129, D=40,
+                                                            causal=True)),
+        Case("attn-fwd-bf16-d64-gqa2-17x113-causal-greedy", A, f, dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=17, Sk=113, D=64,
+                                                                   causal=True), thread_order=3),
+        Case("attn-fwd-fp16-d96-1x1", A, f, dict(dtype="fp16", B=1, Hq=1, Hkv=1, Sq=1, Sk=1, D=96, causal=True)),
+        Case("attn-fwd-bf16-d64-b2-130x130-causal-reverse", A, f,
+             dict(dtype="bf16", B=2, Hq=2, Hkv=2, Sq=130, Sk=130, D=64, causal=True), thread_order=1, block_order=1),
+        Case("attn-fwd-bf16-d64-kvcache-2x200-causal", A, f,
+             dict(dtype="bf16", B=3, Hq=4, Hkv=1, Sq=2, Sk=200, D=64, causal=True, layout="bshd",
+                  kv_lens=[200, 1, 0])),
+        Case("attn-decode-bf16-d64-kvcache-2x200-causal", A, f,
+             dict(dtype="bf16", B=3, Hq=4, Hkv=1, Sq=2, Sk=200, D=64, causal=True, layout="bshd",
+                  kv_lens=[200, 1, 0], decode=True)),
+        Case("attn-decode-fp16-d128-1x300-sms132", A, f,
+             dict(dtype="fp16", B=2, Hq=8, Hkv=2, Sq=1, Sk=300, D=128, causal=False, layout="bshd",
+                  kv_lens=[300, 77], decode=True), sms=132),
+        Case("attn-bwd-bf16-d64-gqa2-17x113-causal-greedy", A, f,
+             dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=17, Sk=113, D=64, causal=True, bwd=True), thread_order=3),
+        Case("attn-bwd-fp16-d128-65x129-bshd-deterministic", A, f,
+             dict(dtype="fp16", B=1, Hq=2, Hkv=2, Sq=65, Sk=129, D=128, causal=False, layout="bshd", bwd=True,
+                  deterministic=True)),
+        Case("attn-bwd-bf16-d64-113x17-causal-dlse-greedy-reverse", A, f,
+             dict(dtype="bf16", B=1, Hq=2, Hkv=2, Sq=113, Sk=17, D=64, causal=True, bwd=True, with_dlse=True),
+             thread_order=4),
+        # one CTA walks several key blocks (deterministic dq with 1 SM: a single dq slice)
+        Case("attn-bwd-bf16-d64-40x260-deterministic-sms1-greedy", A, f,
+             dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=40, Sk=260, D=64, causal=False, bwd=True, deterministic=True),
+             sms=1, thread_order=3),
+        Case("attn-bwd-bf16-d40-33x70-causal-shuffled", A, f,
+             dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=33, Sk=70, D=40, causal=True, bwd=True),
+             thread_order=2, block_order=2),
+    ]
+
+
+CASES = (_activation_cases() + _layernorm_cases() + _cross_entropy_cases() + _attention_cases()
+         + _selftest_cases())
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
 
@@ -513,6 +570,88 @@ def run_cross_entropy(lib, dtype, rows, vocab, reduction="mean", target64=True, 
     if rows:
         assert_path(lib, r"cross_entropy_rows", True)  # (one kernel: the path is chosen per row inside)
     del keep
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+
+def _bhsd_strides(t, layout):
+    """(batch, head, row) element strides of t viewed in (B, H, S, D) order, 0 for size-1 dims (as the
+    binding passes them)."""
+    tb = t if layout == "bhsd" else t.transpose(1, 2)
+    return [tb.stride(i) if tb.size(i) != 1 else 0 for i in range(3)]
+
+
+def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_lens=None, decode=False, bwd=False,
+                  deterministic=False, with_dlse=False, sms=None):
+    import test_attention as ta  # the CUDA tests' criterion: error <= 2 x PyTorch's low-precision error
+    from gptkernels.ops import attention as A
+
+    dt = DTYPES[dtype]
+    torch.manual_seed(B * 1000 + Sq * 7 + Sk)
+    q, k, v = ta.rand_qkv(B, Hq, Hkv, Sq, Sk, D, dt, "cpu", layout)
+    kl = None
+    if kv_lens is not None:
+        kl = torch.tensor(kv_lens, dtype=torch.int32)
+        for b, n in enumerate(kv_lens):  # a cache past its fill holds garbage that must never be read
+            if layout == "bshd":
+                k[b, n:], v[b, n:] = float("nan"), float("nan")
+            else:
+                k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    scale = 1.0 / math.sqrt(D)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(B, Hq, Sq))
+    vp = ctypes.c_void_p
+    ptrs = (vp * 4)(*[t.data_ptr() for t in (q, k, v, out)])
+    strides = (ctypes.c_int64 * 12)(*sum((_bhsd_strides(t, layout) for t in (q, k, v, out)), []))
+    dims = (ctypes.c_int * 8)(B, Hq, Hkv, Sq, Sk, D, int(causal), DTYPE_CODE[dt])
+    n_sms = lib.gptk_emu_num_sms()
+    args = (ptrs, strides, ptr(lse), ptr(kl), dims, ctypes.c_float(scale))
+    fargs = [ctypes.c_void_p, ctypes.c_void_p, vp, vp, ctypes.c_void_p, ctypes.c_float]
+    if decode:
+        splits = bind(lib, "emu_flash_decode_num_splits", ctypes.c_int, *fargs, ctypes.c_int)(*args, n_sms)
+        nbytes = bind(lib, "emu_flash_decode_workspace", ctypes.c_int64, *fargs, ctypes.c_int)(*args, splits)
+        ws = torch.empty(nbytes, dtype=torch.uint8)
+        check(lib, bind(lib, "emu_flash_decode", ctypes.c_int, *fargs, vp, ctypes.c_int)(*args, ptr(ws), splits),
+              "flash_decode")
+    else:
+        check(lib, bind(lib, "emu_flash_fwd", ctypes.c_int, *fargs)(*args), "flash_fwd")
+    kr = k if kl is None else k.nan_to_num(0.0)  # (the reference masks keys past kv_lens)
+    vr = v if kl is None else v.nan_to_num(0.0)
+    ref, lse_ref = A.attention_ref(q, kr, vr, causal, scale, layout, kl, upcast=True)
+    base, _ = A.attention_ref(q, kr, vr, causal, scale, layout, kl, upcast=False)
+    ta.assert_2x("out", out, ref, base, dt)
+    assert not lse.isnan().any(), "lse: NaN"
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf rows differ"
+    fin = torch.isfinite(lse_ref)
+    if fin.any():
+        assert ta.max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item()), "lse"
+    if decode:
+        assert_path(lib, r"flash_decode", True)
+    else:
+        assert_path(lib, r"flash_fwd_kernel", True)
+    if not bwd:
+        return
+    dout = torch.randn(q.shape, dtype=dt)
+    dlse = torch.randn(B, Hq, Sq) if with_dlse else None
+    dq, dk, dv = (poison(torch.empty_like(t)) for t in (q, k, v))
+    bptrs = (vp * 8)(*[t.data_ptr() for t in (q, k, v, out, dout, dq, dk, dv)])
+    bstrides = (ctypes.c_int64 * 24)(*sum((_bhsd_strides(t, layout) for t in (q, k, v, out, dout, dq, dk, dv)), []))
+    bdims = (ctypes.c_int * 9)(B, Hq, Hkv, Sq, Sk, D, int(causal), DTYPE_CODE[dt], int(deterministic))
+    bargs = (bptrs, bstrides, ptr(lse), ptr(dlse), bdims, ctypes.c_float(scale))
+    splits = bind(lib, "emu_flash_bwd_dq_splits", ctypes.c_int, *fargs, ctypes.c_int)(*bargs, n_sms)
+    nbytes = bind(lib, "emu_flash_bwd_workspace", ctypes.c_int64, *fargs, ctypes.c_int)(*bargs, splits)
+    ws = torch.empty(nbytes, dtype=torch.uint8)
+    lib.gptk_emu_reset()
+    check(lib, bind(lib, "emu_flash_bwd", ctypes.c_int, *fargs, vp, ctypes.c_int)(*bargs, ptr(ws), splits), "flash_bwd")
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _, g_ref = ta.grads_of(lambda: A.attention_ref(q32, k32, v32, causal, scale, layout, upcast=True),
+                           (q32, k32, v32), dout, dlse)
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _, g_base = ta.grads_of(lambda: A.attention_ref(qb, kb, vb, causal, scale, layout, upcast=False), (qb, kb, vb),
+                            dout, dlse)
+    for name, got, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref, g_base):
+        ta.assert_2x(name, got, r, b, dt)
+    assert_path(lib, r"flash_bwd_kernel", True)
 
 
 # ---- the emulator's own tests (tools/cuda_emu/selftest/emu_selftest.cu) --------------------------------------

@@ -3,10 +3,11 @@
 //
 // - A launch runs its blocks one after another (forward, reverse or seeded-shuffled block order).
 // - The threads of a block are fibers on the calling OS thread (a small assembly context switch on
-//   x86-64, ucontext elsewhere or with -DGPTK_EMU_UCONTEXT). The scheduler sweeps
-//   the threads in the configured order (forward / reverse / shuffled) and runs each ready thread
-//   until it waits (block barrier, warp collective) or exits. No progress while threads remain
-//   is a deadlock, reported as a kernel fault with the places the threads wait at.
+//   x86-64, ucontext elsewhere or with -DGPTK_EMU_UCONTEXT). The scheduler runs each ready thread
+//   until it waits (block barrier, warp collective) or exits, either sweeping over the threads in
+//   a configured order (forward / reverse / shuffled: warps advance together) or greedily (lowest
+//   or highest ready thread first: one warp runs ahead to the next block barrier). No progress
+//   while threads remain is a deadlock, reported as a kernel fault with the places they wait at.
 // - A kernel fault (deadlock, bad mask, out-of-range shared address, launch-bounds violation, ...)
 //   abandons the launch, records a message (gptk_emu_fault()) and makes the emulated context
 //   sticky-failed (cudaErrorLaunchFailure) until gptk_emu_reset(), like a faulted CUDA context.
@@ -92,7 +93,12 @@ constexpr size_t kSmemReservedPerBlock = 1024;
 struct Config {
   int num_sms = 4;
   int max_blocks_per_sm = 0;  // 0: from threads and shared memory only
-  int thread_order = 0;       // 0 forward, 1 reverse, 2 shuffled
+  // Order in which the threads of a block run between waits. 0-2: sweeps over the threads (forward,
+  // reverse, shuffled), each running every ready thread once: warps advance together. 3-4: greedy
+  // (lowest / highest ready thread first): the first warp runs ahead as far as it can, up to a
+  // block barrier, so a missing __syncthreads between warps (a warp reading shared data another
+  // warp has not yet written, or overwriting data another warp still reads) shows.
+  int thread_order = 0;
   int block_order = 0;        // 0 forward, 1 reverse, 2 shuffled
   unsigned seed = 0;
   int poison = 0xff;          // fill byte of shared memory (0xff: NaN floats, -1 integers)
@@ -437,7 +443,9 @@ void run_block(Launch& L, uint3 bid, std::mt19937& rng) {
     t.fake_stack = nullptr;
     init_context(t);
   }
-  const std::vector<unsigned> order = make_order(n, g_cfg.thread_order, rng);
+  const int to = g_cfg.thread_order;
+  const std::vector<unsigned> order = make_order(n, to == 3 ? 0 : to == 4 ? 1 : to, rng);
+  const bool greedy = to >= 3;
   while (!g_fault_now && B.live > 0) {
     bool ran = false;
     for (unsigned i : order) {
@@ -445,7 +453,7 @@ void run_block(Launch& L, uint3 bid, std::mt19937& rng) {
       if (t.st != St::Ready) continue;
       ran = true;
       switch_to(&t);
-      if (g_fault_now) break;
+      if (g_fault_now || greedy) break;  // greedy: rescan from the first thread after every switch
     }
     if (!g_fault_now && !ran && B.live > 0) {
       g_fault_now = true;
@@ -719,27 +727,40 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
   std::memcpy(mine.b, b, sizeof mine.b);
   mine.bf16 = bf16 ? 1 : 0;
   const unsigned char* s = warp_collective(0xffffffffu, kMma, &mine, sizeof mine, file, line);
-  auto slot = [&](int lane) {
-    decltype(mine) v;
-    std::memcpy(&v, s + lane * kSlot, sizeof v);
-    if (v.bf16 != mine.bf16) fault("%s:%d: lanes of one mma.sync disagree on its type", base_name(file), line);
+  for (int l = 0; l < 32; ++l) {
+    int f;
+    std::memcpy(&f, s + l * kSlot + offsetof(decltype(mine), bf16), sizeof f);
+    if (f != mine.bf16) fault("%s:%d: lanes of one mma.sync disagree on its type", base_name(file), line);
+  }
+  auto reg = [&](int lane, size_t off, int i) {
+    uint32_t v;
+    std::memcpy(&v, s + lane * kSlot + off + 4 * i, 4);
     return v;
   };
-  auto elem = [&](uint32_t reg, int half) {
-    const uint16_t h = (uint16_t)(reg >> (16 * half));
+  auto elem = [&](uint32_t r, int half) {
+    const uint16_t h = (uint16_t)(r >> (16 * half));
     return (double)(bf16 ? bf16_bits_to_float(h) : half_bits_to_float(h));
   };
   // Fragments (PTX ISA, mma.m16n8k16, 16-bit A/B, fp32 C/D), g = lane / 4, q = lane % 4:
   //   A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register (r / 8) + 2 * (k / 8), half k % 2
   //   B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8, half k % 2
   //   C/D: d0, d1 = [g][2q, 2q+1], d2, d3 = [g+8][2q, 2q+1]
-  auto A = [&](int r, int k) { return elem(slot((r % 8) * 4 + (k % 8) / 2).a[(r / 8) + 2 * (k / 8)], k % 2); };
-  auto Bm = [&](int k, int n) { return elem(slot(n * 4 + (k % 8) / 2).b[k / 8], k % 2); };
+  const size_t oa = offsetof(decltype(mine), a), ob = offsetof(decltype(mine), b);
   const int g = (int)t->lane / 4, q = (int)t->lane % 4;
+  double arow[2][16], bcol[2][16];
+  for (int i = 0; i < 2; ++i) {
+    const int r = g + 8 * i, n = 2 * q + i;
+    for (int k = 0; k < 16; ++k) {
+      arow[i][k] = elem(reg((r % 8) * 4 + (k % 8) / 2, oa, (r / 8) + 2 * (k / 8)), k % 2);
+      bcol[i][k] = elem(reg(n * 4 + (k % 8) / 2, ob, k / 8), k % 2);
+    }
+  }
+  // The products of 16-bit values are exact in double, and so is their sum to within 2^-50
+  // relative: D is the exact result rounded once to fp32 (the hardware's order and internal
+  // precision are not modelled).
   for (int i = 0; i < 4; ++i) {
-    const int r = g + 8 * (i / 2), n = 2 * q + (i % 2);
     double acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += A(r, k) * Bm(k, n);
+    for (int k = 0; k < 16; ++k) acc += arow[i / 2][k] * bcol[i % 2][k];
     d[i] = (float)acc;
   }
 }
@@ -947,7 +968,7 @@ cudaError_t cudaDeviceSynchronize() { return g_sticky ? cudaErrorLaunchFailure :
 extern "C" {
 __attribute__((visibility("default"))) int gptk_emu_configure(int num_sms, int max_blocks_per_sm, int thread_order,
                                                               int block_order, unsigned seed, int poison_byte) {
-  if (num_sms < 1 || thread_order < 0 || thread_order > 2 || block_order < 0 || block_order > 2 || poison_byte < 0 ||
+  if (num_sms < 1 || thread_order < 0 || thread_order > 4 || block_order < 0 || block_order > 2 || poison_byte < 0 ||
       poison_byte > 255)
     return 1;
   g_cfg.num_sms = num_sms;
@@ -967,4 +988,5 @@ __attribute__((visibility("default"))) void gptk_emu_reset() {
   g_last_error = cudaSuccess;
 }
 __attribute__((visibility("default"))) int gptk_emu_asan() { return GPTK_EMU_ASAN; }
+__attribute__((visibility("default"))) int gptk_emu_num_sms() { return g_cfg.num_sms; }
 }

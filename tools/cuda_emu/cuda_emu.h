@@ -8,9 +8,9 @@
 //   compiled as C++20. tools/cuda_emu/include/ holds cuda_runtime.h / cuda_fp16.h / cuda_bf16.h
 //   shims that only include this header: the CUDA toolkit is never used.
 // - Execution (cuda_emu.cpp): a launch runs its blocks one after another; the threads of a block
-//   are cooperative fibers (ucontext) on the calling OS thread, run in a fixed schedule order
-//   (forward, reverse or a seeded shuffle) until each blocks at a barrier, a warp collective or
-//   exits. __syncthreads is a block barrier (exited threads drop out, as on the GPU); warp
+//   are cooperative fibers on the calling OS thread, run in a deterministic schedule (sweeps in
+//   forward, reverse or seeded-shuffled order, or greedy: one warp runs ahead to the next block
+//   barrier) until each blocks at a barrier, a warp collective or exits. __syncthreads is a block barrier (exited threads drop out, as on the GPU); warp
 //   intrinsics (__shfl_*_sync, __ballot_sync, __syncwarp, ...) are warp collectives that check
 //   their masks (a lane named in the mask that has exited or does not exist, a lane outside its own
 //   mask, mismatched collectives and deadlocks are reported as kernel faults); ldmatrix, mma.sync
