@@ -37,9 +37,21 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools" / "cuda_emu"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build as emu_build  # noqa: E402
+
+
+def _load_build():
+    import importlib.util
+
+    name = "gptk_cuda_emu_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "cuda_emu" / "build.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+emu_build = _load_build()
 
 from helpers import assert_close, elementwise_tol, poison, reduction_tol  # noqa: E402
 
@@ -809,6 +821,8 @@ def worker_main(libs: dict, ids: list[str]) -> int:
             globals()[case.fn](lib, **case.kw)
         except EmuFault as e:
             status, msg = "fault", str(e)
+        except pytest.skip.Exception as e:
+            status, msg = "skip", str(e)
         except AssertionError as e:
             status, msg = "fail", str(e)
         except Exception as e:  # noqa: BLE001
@@ -879,9 +893,8 @@ def run_cases(ids: list[str], timeout_s: float = 1800) -> dict:
         if not todo:
             break
         # the worker died inside case `started` (sanitizer report, timeout) or before any case
-        if started is None:
-            raise emu_build.BuildError("environment" if crashes == 0 and not results else "compile",
-                                       f"the emulator worker failed (rc {rc}):\n{err[-6000:]}")
+        if started is None:  # (the environment was probed by the build: this is our failure)
+            raise emu_build.BuildError("worker", f"the emulator worker failed (rc {rc}):\n{err[-6000:]}")
         results[started] = dict(id=started, status="crash", msg=f"worker died (rc {rc}):\n{sanitizer_report(err)}",
                                 log="")
         todo = [i for i in todo if i != started]

@@ -25,8 +25,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-import translate  # noqa: E402
+
+
+def _load(name: str, path: Path):
+    """Import a sibling module under a unique name (a plain `import translate` could pick up an
+    installed package of that name)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+translate = _load("gptk_cuda_emu_translate", HERE / "translate.py")
 
 # family -> (kernel files under csrc/, ABI file under tools/cuda_emu/ or None). "selftest" is the
 # emulator's own test kernels (tools/cuda_emu/selftest/, translated into _selftest/).
@@ -109,6 +124,13 @@ def probe(build_dir: Path) -> str:
     asan = asan_runtime()
     if asan is None:
         raise BuildError("environment", f"{cxx()} has no shared ASan runtime (libasan.so)")
+    # The ASan runtime must also start under this Python with torch loaded (it cannot on some
+    # kernels' address-space layouts, or with another preloaded sanitizer).
+    code = f"import ctypes, torch; ctypes.CDLL({str(lib)!r}).probe(ctypes.c_float(1.0))"
+    r = _run([sys.executable, "-c", code], env=asan_env())
+    if r.returncode != 0:
+        raise BuildError("environment", f"an ASan-instrumented library does not load into {sys.executable} with the "
+                                        f"ASan runtime preloaded:\n{r.stderr[-2000:]}")
     _probe_cache[key] = ver
     return ver
 
