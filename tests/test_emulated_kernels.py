@@ -73,6 +73,7 @@ class Case:
     #                               3/4 greedy lowest/highest thread first (one warp runs ahead to the next
     #                               block barrier: exposes a missing __syncthreads between warps)
     block_order: int = 0
+    max_blocks_per_sm: int = 0    # occupancy the emulated cudaOccupancy* reports at most (0: threads/smem only)
     expect: str = "pass"          # "pass", "fault:<regex>" (emulator fault), "crash:<regex>" (sanitizer abort)
 
 
@@ -100,6 +101,8 @@ def _activation_cases():
     # reversed/shuffled thread and block order (a missing barrier or an order assumption shows)
     cases.append(Case("bias_act-bf16-gelu_tanh-300x72-sms1", "activation", "run_bias_act",
                       dict(dtype="bf16", act="gelu_tanh", rows=300, cols=72), sms=1))
+    cases.append(Case("bias_act-fp32-gelu-300x72-occupancy1", "activation", "run_bias_act",
+                      dict(dtype="fp32", act="gelu", rows=300, cols=72), sms=2, max_blocks_per_sm=1))
     cases.append(Case("bias_act-fp16-gelu-300x72-sms132", "activation", "run_bias_act",
                       dict(dtype="fp16", act="gelu", rows=300, cols=72), sms=132))
     cases.append(Case("bias_act-fp32-relu-130x40-reverse", "activation", "run_bias_act",
@@ -136,6 +139,8 @@ def _layernorm_cases():
         Case("layer_norm-bf16-wb-0x64", "layernorm", "run_layer_norm", dict(dtype="bf16", rows=0, cols=64)),
         Case("layer_norm-bf16-add-wb-300x64-sms1", "layernorm", "run_layer_norm",
              dict(dtype="bf16", rows=300, cols=64, residual=True), sms=1),
+        Case("layer_norm-bf16-add-wb-300x200-occupancy1", "layernorm", "run_layer_norm",
+             dict(dtype="bf16", rows=300, cols=200, residual=True), sms=2, max_blocks_per_sm=1),
         Case("layer_norm-fp16-wb-300x1000-sms132", "layernorm", "run_layer_norm",
              dict(dtype="fp16", rows=300, cols=1000), sms=132),
         Case("layer_norm-fp32-wb-70x2056-reverse", "layernorm", "run_layer_norm",
@@ -257,6 +262,9 @@ def _attention_cases():
         Case("attn-bwd-bf16-d64-113x17-causal-dlse-greedy-reverse", A, f,
              dict(dtype="bf16", B=1, Hq=2, Hkv=2, Sq=113, Sk=17, D=64, causal=True, bwd=True, with_dlse=True),
              thread_order=4),
+        Case("attn-fwd-bwd-bf16-d64-kv-batch-stride-2^31", A, f,
+             dict(dtype="bf16", B=2, Hq=2, Hkv=1, Sq=20, Sk=40, D=64, causal=True, bwd=True,
+                  huge_kv_batch_stride=2**31 + 64)),
         # one CTA walks several key blocks (deterministic dq with 1 SM: a single dq slice)
         Case("attn-bwd-bf16-d64-40x260-deterministic-sms1-greedy", A, f,
              dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=40, Sk=260, D=64, causal=False, bwd=True, deterministic=True),
@@ -471,18 +479,22 @@ def run_layer_norm(lib, dtype, rows, cols, residual=False, weight=True, bias=Tru
 CE_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
-def huge_rows(rows, cols, ld, dtype):
-    """[rows, cols] with row stride ld elements in a lazily committed anonymous mapping (rows * ld
-    may exceed 2^31: only the touched pages cost memory). Returns (tensor, mapping) or None."""
+def huge_view(shape, strides, dtype):
+    """A tensor of `shape` and element `strides` in a lazily committed anonymous mapping (offsets may
+    exceed 2^31 elements: only the touched pages cost memory). Returns (tensor, mapping) or None."""
     import mmap
 
-    nbytes = ((rows - 1) * ld + cols) * torch.tensor([], dtype=dtype).element_size()
+    nbytes = (sum((n - 1) * st for n, st in zip(shape, strides)) + 1) * torch.tensor([], dtype=dtype).element_size()
     try:
         mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
     except (OSError, ValueError, OverflowError):
         return None
     flat = torch.frombuffer(mm, dtype=torch.uint8).view(dtype)
-    return flat.as_strided((rows, cols), (ld, 1)), mm
+    return flat.as_strided(shape, strides), mm
+
+
+def huge_rows(rows, cols, ld, dtype):
+    return huge_view((rows, cols), (ld, 1), dtype)
 
 
 def run_cross_entropy(lib, dtype, rows, vocab, reduction="mean", target64=True, ignore_index=-100, ld_pad=0,
@@ -594,13 +606,27 @@ def _bhsd_strides(t, layout):
 
 
 def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_lens=None, decode=False, bwd=False,
-                  deterministic=False, with_dlse=False, sms=None):
+                  deterministic=False, with_dlse=False, huge_kv_batch_stride=0):
     import test_attention as ta  # the CUDA tests' criterion: error <= 2 x PyTorch's low-precision error
     from gptkernels.ops import attention as A
 
     dt = DTYPES[dtype]
     torch.manual_seed(B * 1000 + Sq * 7 + Sk)
     q, k, v = ta.rand_qkv(B, Hq, Hkv, Sq, Sk, D, dt, "cpu", layout)
+    keep = []
+    if huge_kv_batch_stride:  # K/V batches more than 2^31 elements apart (bhsd): 64-bit batch offsets
+        assert layout == "bhsd"
+        for name in ("k", "v"):
+            made = huge_view((B, Hkv, Sk, D), (huge_kv_batch_stride, Sk * D, D, 1), dt)
+            if made is None:
+                pytest.skip("cannot map the address space lazily here")
+            t, mm = made
+            t.copy_(k if name == "k" else v)
+            keep.append(mm)
+            if name == "k":
+                k = t
+            else:
+                v = t
     kl = None
     if kv_lens is not None:
         kl = torch.tensor(kv_lens, dtype=torch.int32)
@@ -814,7 +840,7 @@ def worker_main(libs: dict, ids: list[str]) -> int:
         t0 = time.time()
         lib = handles[case.family]
         lib.gptk_emu_reset()
-        lib.gptk_emu_configure(case.sms, 0, case.thread_order, case.block_order, 1234, 0xff)
+        lib.gptk_emu_configure(case.sms, case.max_blocks_per_sm, case.thread_order, case.block_order, 1234, 0xff)
         torch.manual_seed(0)
         status, msg = "pass", ""
         try:
