@@ -175,6 +175,10 @@ def _cross_entropy_cases():
         ]
     cases += [
         Case("ce-fp32-mean-5x1", C, "run_cross_entropy", dict(dtype="fp32", rows=5, vocab=1)),
+        Case("ce-bf16-mean-5x1000-masked-logits", C, "run_cross_entropy",
+             dict(dtype="bf16", rows=5, vocab=1000, masked_logits=True)),
+        Case("ce-fp32-sum-4x20000-masked-logits", C, "run_cross_entropy",
+             dict(dtype="fp32", rows=4, vocab=20000, reduction="sum", masked_logits=True)),
         Case("ce-fp32-mean-6x1000-all-ignored", C, "run_cross_entropy",
              dict(dtype="fp32", rows=6, vocab=1000, all_ignored=True)),
         Case("ce-fp16-sum-0x100-empty", C, "run_cross_entropy", dict(dtype="fp16", rows=0, vocab=100, reduction="sum")),
@@ -498,7 +502,8 @@ def huge_rows(rows, cols, ld, dtype):
 
 
 def run_cross_entropy(lib, dtype, rows, vocab, reduction="mean", target64=True, ignore_index=-100, ld_pad=0,
-                      offset=0, inplace=False, grad=True, bad_targets=False, all_ignored=False, huge_ld=0):
+                      offset=0, inplace=False, grad=True, bad_targets=False, all_ignored=False, huge_ld=0,
+                      masked_logits=False):
     import test_cross_entropy as tce  # grad_tol: the tolerance the CUDA tests use
     import importlib
 
@@ -517,8 +522,12 @@ def run_cross_entropy(lib, dtype, rows, vocab, reduction="mean", target64=True, 
     else:
         store = buffer((rows * ld,) if rows else (0,), dt, offset, g, scale=4.0)
         logits = store[: max(rows - 1, 0) * ld + vocab].as_strided((rows, vocab), (ld, 1)) if rows else store.view(0, vocab)
+    if masked_logits:  # -inf logits (a masked vocabulary), never at a target
+        logits[:, 1::3] = float("-inf")
     x0 = logits.clone()  # the logits as they were (in-place runs overwrite them)
     t = torch.randint(0, vocab, (rows,), generator=g)
+    if masked_logits:
+        t = t - t % 3  # targets at columns 0, 3, 6, ... (not masked)
     if rows:
         t[::4] = ignore_index
         if bad_targets:
