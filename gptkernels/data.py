@@ -660,7 +660,7 @@ class TokenBatches:
             self.micro = 0
             self.consumed += self.samples_per_step
         t = torch.from_numpy(buf)
-        return t[:, :-1], t[:, 1:]
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     @property
     def epoch(self) -> float:
@@ -681,12 +681,14 @@ class TokenBatches:
 
 
 def eval_windows(split: TokenSplit, max_samples: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's share of the first min(max_samples, N) windows of a split, in order (fixed
-    evaluation set; the ranks' shares are disjoint and cover it)."""
-    m = min(max_samples, split.n_windows)
-    lo, hi = rank * m // world_size, (rank + 1) * m // world_size
-    # Spread the evaluation windows over the whole split rather than its beginning.
-    return (np.arange(lo, hi, dtype=np.int64) * split.n_windows) // m
+    """This rank's share of a fixed evaluation set of m windows spread evenly over the split
+    (m = min(max_samples, N), rounded down to a multiple of world_size so every rank runs the
+    same number of batches; at least one window per rank, repeating windows if N < world_size)."""
+    N = split.n_windows
+    m = max(world_size, min(max_samples, N) // world_size * world_size)
+    per = m // world_size
+    j = np.arange(rank * per, (rank + 1) * per, dtype=np.int64)
+    return (j * N) // m if m <= N else j % N
 
 
 def batched(a: np.ndarray, n: int) -> Iterator[np.ndarray]:
