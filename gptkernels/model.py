@@ -130,6 +130,40 @@ class KVCache:
         return kc, vc
 
 
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens. temperature 0 is greedy (argmax). Otherwise softmax of
+    logits / temperature, restricted to the top_k most likely tokens and/or the nucleus (the
+    smallest set of most likely tokens whose probability reaches top_p), then one draw per row.
+    The draw is argmax(p / E) with E ~ Exp(1) i.i.d. (what torch.multinomial does for one sample):
+    no host sync, reproducible with `generator`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        p_sorted, order = probs.sort(dim=-1, descending=True)
+        outside = (p_sorted.cumsum(-1) - p_sorted) >= top_p  # the mass before this token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, p_sorted.masked_fill(outside, 0.0))
+    e = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / e).argmax(-1)
+
+
+def pad_prompts(prompts, pad_token_id: int = 0, device=None):
+    """A list of token-id lists -> (idx (B, T_max) right-padded with pad_token_id, prompt_lens (B,)),
+    the arguments generate() takes for a batch of prompts of different lengths."""
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    if len(prompts) == 0 or int(lens.min()) == 0:
+        raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+    idx = torch.full((len(prompts), int(lens.max())), pad_token_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    return idx.to(device), lens.to(device)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -301,3 +335,244 @@ class GPT(nn.Module):
                                  f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    # ---- Hugging Face GPT-2 checkpoints -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dropout: float = 0.0) -> "GPT":
+        """A GPT from a local Hugging Face GPT-2 checkpoint directory: config.json plus
+        model.safetensors (or a sharded model.safetensors.index.json) or pytorch_model.bin. Nothing
+        is downloaded. Weights are read with safetensors or torch.load(weights_only=True): no
+        arbitrary objects are unpickled. GPT-2's Conv1D weights (stored (in, out)) are transposed
+        to nn.Linear's (out, in); c_attn is already our fused q|k|v. Returns the model in eval mode,
+        in float32 (use .to() for another dtype or device)."""
+        path = os.fspath(path)
+        config = _read_hf_gpt2_config(path, dropout)
+        state, source = _read_hf_weights(path)
+        model = cls(config)
+        model.load_state_dict(_gpt2_state_dict(state, model, source))
+        return model.eval()
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
+                 prompt_lens=None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Continue each prompt by max_new_tokens tokens, sampling with a KV cache.
+
+        idx (B, T) holds the prompts, right-padded when they differ in length, with prompt_lens (B,)
+        their lengths (see pad_prompts); without prompt_lens every prompt is all T tokens.
+        Returns (B, L + max_new_tokens), L = the longest prompt: row b is prompt b, its new tokens,
+        then padding (out[b, :prompt_lens[b] + max_new_tokens] is sequence b).
+
+        temperature 0 is greedy decoding; otherwise top_k / top_p restrict the sampling (sample_next).
+        seed makes the sampling reproducible (a torch.Generator on idx's device; without it the
+        global RNG). eos_token_id: a sequence that emits it is finished and emits pad_token_id from
+        then on (default eos_token_id); generation stops early when every sequence is finished.
+        Positions past the end of a sequence hold pad_token_id (default eos_token_id, else 0).
+        A prompt plus max_new_tokens longer than block_size is an error (no sliding window).
+
+        How it runs: one forward over the prompts fills a cache preallocated for every layer
+        (B, L + max_new_tokens, Hkv, D); then each step feeds one token per sequence at its own
+        position, attending to its first kv_lens[b] cached keys (flash_attention with kv_lens). The
+        only host sync per step is the all-finished check, when eos_token_id is given. Dropout is
+        off while generating (eval mode; the previous mode is restored).
+
+        Conditional generation is prefix conditioning: the prompt is the condition and the model
+        continues it. With a tokenizer `tok`:
+
+            prompt = "question: what is the capital of France? answer:"
+            idx = torch.tensor([tok.encode(prompt)])
+            out = model.generate(idx, 16, temperature=0, eos_token_id=tok.eos_id)
+            answer = tok.decode(out[0, idx.shape[1]:].tolist())
+
+            # several prompts at once:
+            idx, lens = pad_prompts([tok.encode(p) for p in prompts])
+            out = model.generate(idx, 16, temperature=0.8, top_p=0.95, seed=1, prompt_lens=lens)
+            answers = [out[b, lens[b]:lens[b] + 16] for b in range(len(prompts))]
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"idx: expected a (batch, seq_len) tensor of token ids, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        B, T = idx.shape
+        device = idx.device
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature: expected a number >= 0 (0 is greedy), got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+        V = self.config.vocab_size
+        for name, tid in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if tid is not None and not 0 <= tid < V:
+                raise ValueError(f"{name}: expected a token id in [0, {V}), got {tid!r}")
+        if prompt_lens is None:
+            lens = torch.full((B,), T, dtype=torch.long, device=device)
+            L = T
+        else:
+            lens = torch.as_tensor(prompt_lens, device=device).long()
+            if lens.shape != (B,):
+                raise ValueError(f"prompt_lens: expected shape ({B},), got {tuple(lens.shape)}")
+            if bool(((lens < 1) | (lens > T)).any()):
+                raise ValueError(f"prompt_lens: expected lengths in [1, {T}] (idx has {T} columns), got {lens.tolist()}")
+            L = int(lens.max())
+        if L + max_new_tokens > self.config.block_size:
+            raise ValueError(f"the prompt ({L} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                             f"block_size={self.config.block_size}")
+        valid = torch.arange(L, device=device) < lens[:, None]
+        prompt = idx[:, :L].masked_fill(~valid, 0)  # padding never reaches the embedding
+        self._check_idx(prompt)
+        fill = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
+        out = torch.full((B, L + max_new_tokens), fill, dtype=idx.dtype, device=device)
+        out[:, :L] = prompt.masked_fill(~valid, fill)
+        if max_new_tokens == 0:
+            return out
+
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        rows = torch.arange(B, device=device)
+        cache = KVCache(self.config.n_layer, B, L + max_new_tokens)
+        was_training = self.training
+        self.eval()
+        try:
+            h = self.hidden_states(prompt, cache)  # prefill: positions 0..L-1 of every sequence
+            logits = self.lm_logits(h[rows, lens - 1])
+            pos = lens.clone()  # where each sequence's next token goes
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                tok = sample_next(logits, temperature, top_k, top_p, gen).to(idx.dtype)
+                if eos_token_id is not None:
+                    tok = tok.masked_fill(finished, fill)
+                    finished |= tok == eos_token_id
+                out[rows, pos] = tok
+                if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                    break
+                logits = self.lm_logits(self.hidden_states(tok[:, None], cache, cache_pos=pos)[:, 0])
+                pos = pos + 1
+        finally:
+            self.train(was_training)
+        return out
+
+
+# ---- reading Hugging Face GPT-2 checkpoints -----------------------------------------------------
+# GPT-2's activation_function names -> ours (gelu_new, gelu_fast and gelu_pytorch_tanh are all the
+# tanh approximation).
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu": "gelu", "relu": "relu"}
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _read_hf_gpt2_config(path: str, dropout: float) -> GPTConfig:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory (from_pretrained reads a local Hugging Face GPT-2 "
+                                "checkpoint directory; nothing is downloaded)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not found (a Hugging Face checkpoint directory has config.json)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(d).__name__}")
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{cfg_path}: model_type {d['model_type']!r} is not supported (expected 'gpt2')")
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in d]
+    if missing:
+        raise ValueError(f"{cfg_path}: missing GPT-2 config fields {missing}")
+    act = d.get("activation_function", "gelu_new")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"{cfg_path}: activation_function {act!r} is not supported (expected one of "
+                         f"{sorted(HF_ACTIVATIONS)})")
+    if d.get("n_inner") not in (None, 4 * d["n_embd"]):
+        raise ValueError(f"{cfg_path}: n_inner={d['n_inner']} is not supported (the MLP is 4 * n_embd wide)")
+    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("add_cross_attention", False)):
+        if d.get(key, ok) != ok:
+            raise ValueError(f"{cfg_path}: {key}={d[key]} is not supported (expected {ok})")
+    try:
+        return GPTConfig(vocab_size=d["vocab_size"], block_size=d["n_positions"], n_layer=d["n_layer"],
+                         n_head=d["n_head"], n_embd=d["n_embd"], dropout=dropout, bias=True,
+                         pos_embedding="learned", activation=HF_ACTIVATIONS[act],
+                         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+                         layer_norm_eps=float(d.get("layer_norm_epsilon", 1e-5)))
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+
+
+def _load_safetensors(file: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _read_hf_weights(path: str):
+    """(the checkpoint's tensors by name, the file(s) they came from)."""
+    st = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    pt = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        return _load_safetensors(st), st
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        state = {}
+        for shard in shards:
+            file = os.path.join(path, shard)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{file}: listed in {index} but not found")
+            state.update(_load_safetensors(file))
+        return state, index
+    if os.path.isfile(pt):
+        try:  # weights_only: tensors and plain containers; anything else is refused, never run
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, ...)
+            raise ValueError(f"{pt}: not a readable weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{pt}: expected a dict of tensors (a state_dict)")
+        return state, pt
+    raise FileNotFoundError(f"{path}: no weights found (expected model.safetensors, model.safetensors.index.json "
+                            "or pytorch_model.bin)")
+
+
+def _gpt2_state_dict(state: dict, model: GPT, source: str) -> dict:
+    """Rename and transpose a GPT-2 checkpoint's tensors into `model`'s state_dict; clear errors
+    for missing, unexpected or mis-shaped tensors."""
+    out = {}
+    for key, t in state.items():
+        name = key.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the causal-mask buffers older GPT-2 checkpoints carry
+        if name != "lm_head.weight":
+            if name.endswith(_CONV1D_WEIGHTS):
+                t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+            name = "transformer." + name.replace(".mlp.c_fc.", ".mlp.fc.").replace(".mlp.c_proj.", ".mlp.proj.")
+        out[name] = t
+    if model.config.tie_embeddings and "transformer.wte.weight" in out:
+        head = out.get("lm_head.weight")
+        if head is not None and not torch.equal(head, out["transformer.wte.weight"]):
+            raise ValueError(f"{source}: lm_head.weight differs from wte.weight but config.json says "
+                             "tie_word_embeddings=true")
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(out))
+    unexpected = sorted(set(out) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not match a GPT-2 with this config.json: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    for name, t in out.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)} "
+                             "from config.json")
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: {name} has dtype {t.dtype}, expected a floating-point tensor")
+    return out
