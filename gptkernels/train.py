@@ -9,7 +9,8 @@ fused implementation on GPU; weight decay on the >= 2-D parameters only), a cosi
 schedule after a linear warm-up.
 
 Multi-GPU / multi-node: run under torchrun; DistributedDataParallel (NCCL on GPU, gloo on CPU),
-or FSDP2 (`fsdp=True`: torch.distributed.fsdp.fully_shard per block, then the root) for models
+or FSDP2 (`fsdp=True`: torch.distributed.fsdp.fully_shard on each block's attention and
+MLP, then the root) for models
 that do not fit one GPU. Every rank reads its own slice of each global batch (gptkernels.data).
 
 Checkpoints (out_dir/ckpt.pt): model, optimizer, scheduler, data position, RNG states of every
@@ -454,8 +455,13 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             from torch.distributed.fsdp import fully_shard
             if not torch.distributed.is_initialized():
                 raise TrainError("FSDP needs torch.distributed: run under torchrun")
+            # Shard each block's attention and MLP (where nearly all the weights are) as units; the
+            # LayerNorms stay with the root, because the model fuses each residual add into the
+            # *next* block's LayerNorm (Block.forward calls blocks[i + 1].ln_1), which a per-Block
+            # unit would call while still sharded.
             for block in model.transformer.h:
-                fully_shard(block)
+                fully_shard(block.attn)
+                fully_shard(block.mlp)
             fully_shard(model)
         optimizer = make_optimizer(model, cfg, d.device)
         sched = CosineSchedule(optimizer, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
