@@ -218,3 +218,6 @@ def test_cuda_cached_greedy_is_consistent_with_full_forward():
         gap = logits.max(-1).values - chosen
         scale = logits.abs().max().item()
         assert torch.all(gap <= 8 * 2.0**-8 * scale), (b, gap.max().item())
+    # seeded sampling on the GPU (a CUDA generator) is reproducible
+    a = model.generate(idx, 16, temperature=1.0, top_k=50, seed=5, prompt_lens=lens)
+    assert torch.equal(a, model.generate(idx, 16, temperature=1.0, top_k=50, seed=5, prompt_lens=lens))
