@@ -117,10 +117,11 @@ def _add_train(sub):
     from gptkernels.train import PRESETS, TrainConfig
     p = sub.add_parser("train", help="pretrain a GPT (one process, or under torchrun for many GPUs/nodes)",
                        description="Pretrain a GPT with the next-token objective. Options left out come from "
-                                   "--preset (default gpt2: GPT-2 124M). Multi-GPU: torchrun --nproc_per_node=8 "
+                                   "--preset. Without --data: the bundled Python-stdlib corpus. Multi-GPU: torchrun --nproc_per_node=8 "
                                    "-m gptkernels train ...",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="starting configuration")
+    p.add_argument("--preset", default="auto", choices=["auto"] + sorted(PRESETS),
+                   help="starting configuration; auto: gpt2 (124M) on a GPU, demo (1M, minutes) on a CPU")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "inject_nan_at":
             p.add_argument("--inject-nan-at", type=_positive_int, default=None, help=argparse.SUPPRESS)
@@ -151,7 +152,13 @@ def _cmd_train(args) -> int:
                  if getattr(args, f.name, None) is not None}
     if args.data is not None and not os.path.exists(args.data):
         raise FileNotFoundError(f"--data: no such dataset folder: {args.data}")
-    cfg = TrainConfig.from_preset(args.preset, **overrides)
+    preset = args.preset
+    if preset == "auto":
+        import torch
+        preset = "gpt2" if torch.cuda.is_available() else "demo"
+        print(f"preset: {preset} ({'a GPU is' if preset == 'gpt2' else 'no GPU'} available; choose with --preset)",
+              file=sys.stderr)
+    cfg = TrainConfig.from_preset(preset, **overrides)
     res = train(cfg)
     return 130 if res.stopped == "interrupted" else 0
 

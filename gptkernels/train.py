@@ -428,6 +428,12 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
         # -- model ----------------------------------------------------------------------------
         mcfg = GPTConfig.from_dict(ck["model_config"]) if ck else GPTConfig.from_dict(cfg.model_dict(tok.vocab_size))
+        if ck is not None:
+            asked = GPTConfig.from_dict(cfg.model_dict(tok.vocab_size)).to_dict()
+            differ = sorted(k for k, v in asked.items() if k != "block_size" and mcfg.to_dict().get(k) != v)
+            if differ:
+                msg(f"note: resuming: the model comes from the checkpoint ({', '.join(f'{k}={getattr(mcfg, k)}' for k in differ)}),"
+                    f" not from this run's settings")
         if mcfg.vocab_size < tok.vocab_size:
             raise TrainError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the tokenizer's "
                              f"({tok.vocab_size})")
