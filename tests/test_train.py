@@ -79,13 +79,15 @@ def _torchrun(configs, timeout=240):
 
 
 def test_two_process_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
-    """2 gloo processes x batch 2 (DDP, and FSDP2) follow the loss curve of 1 process x batch 4:
-    the same global batches, gradients averaged across ranks."""
+    """2 gloo processes x batch 2 (DDP, and FSDP2 with a stop and resume half-way) follow the loss
+    curve of 1 process x batch 4: the same global batches, gradients averaged across ranks."""
     kw = dict(tokens_per_step=2 * 4 * 32, max_steps=8, eval_interval=4)  # 2 accumulation micro-steps
     one = train(tiny_cfg(tiny_data, str(tmp_path / "one"), batch_size=4, **kw), **QUIET)
     ddp = dataclasses.asdict(tiny_cfg(tiny_data, str(tmp_path / "ddp"), batch_size=2, **kw))
-    fsdp = dataclasses.asdict(tiny_cfg(tiny_data, str(tmp_path / "fsdp"), batch_size=2, fsdp=True, **kw))
-    _torchrun([ddp, fsdp])
+    # FSDP stops after step 3 and resumes (sharded state -> full checkpoint -> sharded again).
+    fsdp_a = dataclasses.asdict(tiny_cfg(tiny_data, str(tmp_path / "fsdp"), batch_size=2, fsdp=True, stop_at=3, **kw))
+    fsdp_b = dataclasses.asdict(tiny_cfg(tiny_data, str(tmp_path / "fsdp"), batch_size=2, fsdp=True, resume=True, **kw))
+    _torchrun([ddp, fsdp_a, fsdp_b])
     for name in ("ddp", "fsdp"):
         m = read_metrics(str(tmp_path / name))
         start = next(r for r in m if r.get("event") == "start")
