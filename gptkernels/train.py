@@ -152,11 +152,11 @@ PRESETS = {
     # GPT-2 124M (12 x 12 x 768, T=1024), 0.5M tokens per step as in the GPT-3 paper's small model.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, tokens_per_step=524288,
                  max_steps=19073, lr=6e-4, warmup_steps=715, eval_interval=250, eval_samples=512,
-                 ckpt_interval=1000, out_dir="runs/gpt2"),
+                 ckpt_interval=1000, sample_interval=1000, out_dir="runs/gpt2"),
     # GPT-2 350M (24 x 16 x 1024).
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, batch_size=8, tokens_per_step=524288,
                         max_steps=19073, lr=3e-4, warmup_steps=715, eval_interval=250, eval_samples=512,
-                        ckpt_interval=1000, out_dir="runs/gpt2-medium"),
+                        ckpt_interval=1000, sample_interval=1000, out_dir="runs/gpt2-medium"),
 }
 
 
@@ -456,11 +456,10 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
         raw = model
         if cfg.fsdp:
-            if not d.enabled:
-                msg("note: fsdp=True in a single process: sharding over one rank")
             from torch.distributed.fsdp import fully_shard
             if not torch.distributed.is_initialized():
-                raise TrainError("FSDP needs torch.distributed: run under torchrun")
+                raise TrainError("--fsdp needs torch.distributed: run under torchrun (e.g. torchrun "
+                                 "--nproc_per_node=8 -m gptkernels train --fsdp ...)")
             # Shard each block's attention and MLP (where nearly all the weights are) as units; the
             # LayerNorms stay with the root, because the model fuses each residual add into the
             # *next* block's LayerNorm (Block.forward calls blocks[i + 1].ln_1), which a per-Block
