@@ -119,7 +119,10 @@ def _add_train(sub):
                        description="Pretrain a GPT with the next-token objective. Options left out come from "
                                    "--preset. Without --data: the bundled Python-stdlib corpus. Multi-GPU: torchrun --nproc_per_node=8 "
                                    "-m gptkernels train ...",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       epilog="presets (any option above overrides them):\n" + "\n".join(
+                           f"  {name:<12} " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "out_dir")
+                           for name, vals in PRESETS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="auto", choices=["auto"] + sorted(PRESETS),
                    help="starting configuration; auto: gpt2 (124M) on a GPU, demo (1M, minutes) on a CPU")
     for f in dataclasses.fields(TrainConfig):
