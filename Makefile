@@ -1,5 +1,5 @@
 # On a fresh machine (python3 and pip present), one command each:
-#   make demo   set up (venv, torch, build the extension) and run the main job on its bundled default
+#   make demo   set up (venv, torch, build the extension), pretrain a small GPT on the bundled corpus, sample
 #   make test   the same set-up, then the test suite (what CI runs, via .ci/run)
 # Other targets: make setup | make bench | make ptxas | make clean
 PYTHON     ?= python3
@@ -24,8 +24,12 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f 
 
 setup: $(VENV)/.built
 
+# Pretrain a small GPT on the bundled corpus (the Python standard library's top-level modules),
+# then sample from it: a few minutes on a 2-core CPU.
 demo: setup
 	$(PY) -m gptkernels info
+	$(PY) -m gptkernels train --preset demo --out-dir runs/demo
+	$(PY) -m gptkernels generate runs/demo --prompt "def " --max-new-tokens 200 --seed 0
 
 test: setup
 	$(PY) -m pytest -q
