@@ -355,6 +355,7 @@ void ensure_pool(unsigned n) {
       fprintf(stderr, "gptk_emu: cannot map fiber stacks\n");
       abort();
     }
+    mprotect(s, 4096, PROT_NONE);  // guard page: a fiber's stack overflow faults instead of corrupting the next
     g_threads[i].stack = static_cast<char*>(s);
   }
 }
