@@ -174,3 +174,13 @@ def test_gelu_extreme_inputs(dtype):
     for act in ("gelu_tanh", "gelu"):
         y = torch.ops.gptkernels.bias_act_fwd(x, b, act)
         assert_close(y, act_ops.bias_act_fwd_ref(x.float(), b.float(), act), *elementwise_tol(dtype), act)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (2, 3, 4)])
+def test_reference_backward_any_rows_and_empty(shape):
+    """dbias sums over every leading dimension, also when a dimension is empty."""
+    x, dy = torch.randn(shape), torch.randn(shape)
+    b = torch.randn(shape[-1])
+    dx, db = act_ops.bias_act_bwd_ref(dy, x, b, "relu")
+    assert dx.shape == x.shape and db.shape == b.shape
+    torch.testing.assert_close(db, (dy * (x + b > 0)).reshape(-1, shape[-1]).sum(0) if x.numel() else torch.zeros_like(b))

@@ -6,7 +6,7 @@ import torch
 
 from gptkernels.ops.activation import bias_act
 from gptkernels.ops.attention import flash_attention, scaled_dot_product_attention
-from gptkernels.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from gptkernels.ops.loss import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
 from gptkernels.ops.mlp import linear_act, mlp
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptkernels.ops.cross_entropy import REDUCTIONS, cross_entropy
+from gptkernels.ops.loss import REDUCTIONS, cross_entropy
 from gptkernels.ops.layernorm import _normalized_shape, layer_norm
 from gptkernels.ops.mlp import LINEAR_ACTIVATIONS, mlp
 

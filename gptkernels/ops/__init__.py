@@ -3,7 +3,7 @@ reference implementation, autograd) and its dispatching entry point. Knows nothi
 gptkernels.nn builds on it."""
 from gptkernels.ops.activation import bias_act
 from gptkernels.ops.attention import flash_attention
-from gptkernels.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from gptkernels.ops.loss import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
 from gptkernels.ops.mlp import linear_act
 

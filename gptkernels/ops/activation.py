@@ -45,7 +45,7 @@ def bias_act_fwd_ref(x: torch.Tensor, bias: torch.Tensor, activation: str) -> to
 
 def bias_act_bwd_ref(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activation: str):
     g = dy.float() * act_grad_ref(x.float() + bias.float(), activation)
-    return g.to(x.dtype), g.reshape(-1, g.shape[-1]).sum(0).to(bias.dtype)
+    return g.to(x.dtype), g.sum(dim=tuple(range(g.dim() - 1))).to(bias.dtype)  # over all rows
 
 
 # ---- torch.library registration (schemas come from the C++ extension) ---------------------
