@@ -215,6 +215,9 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         self.config = config
+        # Range-check token ids in forward (one host sync per call). A training loop whose data
+        # is known to be in range (gptkernels.train: shards checked against the vocabulary) turns it off.
+        self.check_token_ids = True
         C = config.n_embd
         self.transformer = nn.ModuleDict()
         self.transformer["wte"] = nn.Embedding(config.vocab_size, C)
@@ -291,7 +294,7 @@ class GPT(nn.Module):
             raise ValueError(f"{name}: expected at least one token, got shape {tuple(idx.shape)}")
         # Out-of-range ids raise here rather than as an index error (or a device assert) deep inside;
         # one host sync. Skipped while torch.compile traces (data-dependent control flow).
-        if not torch.compiler.is_compiling():
+        if self.check_token_ids and not torch.compiler.is_compiling():
             V = self.config.vocab_size
             bad = (idx < 0) | (idx >= V)
             if bool(bad.any()):

@@ -384,7 +384,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     d = _Dist(cfg.device)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     msg = (lambda s: say(s)) if d.master else (lambda s: None)
-    old_backend = gptkernels.get_backend()
+    from gptkernels.ops import loss as gloss
+
+    old_backend, old_target_check = gptkernels.get_backend(), gloss.get_target_check()
     gptkernels.set_backend(cfg.backend)
     stop_signal = {"sig": None}
     old_handlers = {}
@@ -443,6 +445,11 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         model = GPT(mcfg).to(d.device)
         if ck is not None:
             model.load_state_dict(ck["model"])
+        # The shards' ids are below the tokenizer's vocabulary (checked at prepare time and above), so the
+        # hot path skips the per-step range checks, each a host sync: token ids in the model, targets in
+        # the loss ("deferred": a bad target still raises, a step later).
+        model.check_token_ids = False
+        gloss.set_target_check("deferred")
         torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout differs between ranks
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -692,6 +699,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(sig, h)
         gptkernels.set_backend(old_backend)
+        gloss.set_target_check(old_target_check)
         d.close()
 
 

@@ -350,3 +350,17 @@ def test_cuda_model_runs_every_op_on_its_kernel():
         loss.backward()
         out = model.generate(idx[:, :20], 8, temperature=0, prompt_lens=[20, 13])
     assert torch.isfinite(loss) and out.shape == (2, 28)
+
+
+def test_token_id_check_can_be_turned_off_for_trusted_data():
+    """The training loop turns the range check (a host sync) off; shape checks stay on."""
+    model = GPT(tiny_config())
+    ok = torch.tensor([[1, 2, 3]])
+    model.check_token_ids = False
+    logits, _ = model(ok)
+    assert logits.shape == (1, 3, model.config.vocab_size)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    model.check_token_ids = True
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(torch.tensor([[1, 2, 61]]))

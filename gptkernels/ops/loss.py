@@ -70,6 +70,10 @@ if _target_check not in TARGET_CHECKS:
 _pending: collections.deque = collections.deque()
 
 
+def get_target_check() -> str:
+    return _target_check
+
+
 def set_target_check(mode: str) -> None:
     """How the kernel path reports out-of-range targets: "sync" (default: raise at the offending
     call, one small device-to-host read per call), "deferred" (no sync: raise at a later call or at
