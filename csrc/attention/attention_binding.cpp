@@ -99,6 +99,19 @@ std::optional<at::Tensor> prepare_kv_lens(const std::optional<at::Tensor>& kv_le
   return kl.to(at::kInt).contiguous();
 }
 
+// The problem-size fields FlashFwdParams and FlashBwdParams share.
+template <typename Params>
+void set_problem(Params& p, const Shapes& s, bool causal, double scale) {
+  p.batch = static_cast<int>(s.b);
+  p.hq = static_cast<int>(s.hq);
+  p.hkv = static_cast<int>(s.hkv);
+  p.sq = static_cast<int>(s.sq);
+  p.sk = static_cast<int>(s.sk);
+  p.d = static_cast<int>(s.d);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+}
+
 attn::FlashFwdParams fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                 const at::Tensor& lse, const Shapes& s, bool bshd, bool causal, double scale,
                                 const std::optional<at::Tensor>& kv_lens) {
@@ -109,14 +122,7 @@ attn::FlashFwdParams fwd_params(const at::Tensor& q, const at::Tensor& k, const 
   p.o = ref_of(out, bshd);
   p.lse = lse.data_ptr<float>();
   p.kv_lens = kv_lens.has_value() ? kv_lens->data_ptr<int>() : nullptr;
-  p.batch = static_cast<int>(s.b);
-  p.hq = static_cast<int>(s.hq);
-  p.hkv = static_cast<int>(s.hkv);
-  p.sq = static_cast<int>(s.sq);
-  p.sk = static_cast<int>(s.sk);
-  p.d = static_cast<int>(s.d);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
+  set_problem(p, s, causal, scale);
   p.dtype = to_dtype(q, "q");
   return p;
 }
@@ -204,14 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   p.dv = ref_of(dv, bshd);
   p.lse = lse.data_ptr<float>();
   p.dlse = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
-  p.batch = static_cast<int>(s.b);
-  p.hq = static_cast<int>(s.hq);
-  p.hkv = static_cast<int>(s.hkv);
-  p.sq = static_cast<int>(s.sq);
-  p.sk = static_cast<int>(s.sk);
-  p.d = static_cast<int>(s.d);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
+  set_problem(p, s, causal, scale);
   p.deterministic = deterministic;
   p.dtype = to_dtype(q, "q");
   const int splits = attn::flash_bwd_dq_splits(p, num_sms());
