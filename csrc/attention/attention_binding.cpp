@@ -127,42 +127,51 @@ attn::FlashFwdParams fwd_params(const at::Tensor& q, const at::Tensor& k, const 
   return p;
 }
 
+// What the forward and the decode path share: checked inputs, outputs and the kernel params.
+// Construct under a CUDAGuard on q's device.
+struct ForwardCall {
+  at::Tensor q, k, v, out, lse;
+  std::optional<at::Tensor> kv_lens;
+  attn::FlashFwdParams p;
+  ForwardCall(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, double scale,
+              const std::string& layout, const std::optional<at::Tensor>& kv_lens_in) {
+    const bool bshd = parse_layout(layout);
+    const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
+    q = prepare(q_in, bshd);
+    k = prepare(k_in, bshd);
+    v = prepare(v_in, bshd);
+    kv_lens = prepare_kv_lens(kv_lens_in, q, s.b);
+    out = at::empty(q.sizes(), q.options());
+    lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
+    p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kv_lens);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                   const at::Tensor& v_in, bool causal, double scale,
                                                   const std::string& layout, const std::optional<at::Tensor>& kv_lens,
                                                   bool deterministic) {
   (void)deterministic;  // used by the backward only
-  const bool bshd = parse_layout(layout);
-  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
-  const std::optional<at::Tensor> kl = prepare_kv_lens(kv_lens, q, s.b);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  const attn::FlashFwdParams p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kl);
-  check_launch(attn::flash_fwd(p, current_stream(q)), "flash_attn_fwd");
-  return {out, lse};
+  ForwardCall c(q_in, k_in, v_in, causal, scale, layout, kv_lens);
+  if (c.out.numel() == 0) return {c.out, c.lse};
+  check_launch(attn::flash_fwd(c.p, current_stream(c.q)), "flash_attn_fwd");
+  return {c.out, c.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal, double scale,
                                                      const std::string& layout,
                                                      const std::optional<at::Tensor>& kv_lens) {
-  const bool bshd = parse_layout(layout);
-  const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = prepare(q_in, bshd), k = prepare(k_in, bshd), v = prepare(v_in, bshd);
-  const std::optional<at::Tensor> kl = prepare_kv_lens(kv_lens, q, s.b);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  attn::FlashFwdParams p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kl);
-  const int splits = attn::flash_decode_num_splits(p, num_sms());
-  const size_t bytes = attn::flash_decode_workspace_bytes(p, splits);
-  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
-  check_launch(attn::flash_decode(p, bytes ? ws.data_ptr() : nullptr, splits, current_stream(q)), "flash_attn_decode");
-  return {out, lse};
+  ForwardCall c(q_in, k_in, v_in, causal, scale, layout, kv_lens);
+  if (c.out.numel() == 0) return {c.out, c.lse};
+  const int splits = attn::flash_decode_num_splits(c.p, num_sms());
+  const size_t bytes = attn::flash_decode_workspace_bytes(c.p, splits);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, c.q.options().dtype(at::kByte));
+  check_launch(attn::flash_decode(c.p, bytes ? ws.data_ptr() : nullptr, splits, current_stream(c.q)),
+               "flash_attn_decode");
+  return {c.out, c.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
