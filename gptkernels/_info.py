@@ -12,7 +12,7 @@ from gptkernels import _backend
 KERNEL_OPS = {
     "bias_gelu / bias_relu": ["bias_act_fwd", "bias_act_bwd"],
     "linear_act": ["linear_act_fwd", "linear_act_bwd"],
-    "FusedMLP / mlp": ["mlp_fwd", "mlp_bwd"],
+    "FusedMLP / fused_mlp": ["mlp_fwd", "mlp_bwd"],
     "cross_entropy": ["cross_entropy_fwd", "cross_entropy_scale_grad_"],
     "linear_cross_entropy": ["linear_cross_entropy_fwd", "cross_entropy_scale_grad_"],
     "layer_norm / add_layer_norm": ["layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd"],

@@ -504,7 +504,7 @@ def huge_rows(rows, cols, ld, dtype):
 def run_cross_entropy(lib, dtype, rows, vocab, reduction="mean", target64=True, ignore_index=-100, ld_pad=0,
                       offset=0, inplace=False, grad=True, bad_targets=False, all_ignored=False, huge_ld=0,
                       masked_logits=False):
-    import test_cross_entropy as tce  # grad_tol: the tolerance the CUDA tests use
+    import test_loss as tce  # grad_tol: the tolerance the CUDA tests use
     import importlib
 
     from gptkernels.ops import loss as ref

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import importlib
 
 import gptkernels
 from gptkernels import _backend
@@ -13,7 +12,7 @@ from gptkernels.nn import FusedMLP
 from gptkernels.nn import functional as GF
 from helpers import UNIT_ROUNDOFF
 
-mlp_ops = importlib.import_module("gptkernels.ops.mlp")  # the module (gptkernels.ops.mlp may be shadowed)
+from gptkernels.ops import mlp as mlp_ops
 ACTS = ["gelu_tanh", "gelu", "relu"]
 TORCH_ACT = {"gelu_tanh": lambda u: F.gelu(u, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 ops = torch.ops.gptkernels if _backend.EXT_LOADED else None
@@ -106,7 +105,7 @@ def test_fused_mlp_state_dict_keys_gpt2_layout():
 def test_functional_cpu_matches_torch():
     x = torch.randn(7, 16)
     w1, b1, w2, b2 = make_params(16, 64, 16)
-    torch.testing.assert_close(GF.mlp(x, w1, b1, w2, b2, "gelu"), torch_mlp(x, w1, b1, w2, b2, "gelu"))
+    torch.testing.assert_close(GF.fused_mlp(x, w1, b1, w2, b2, "gelu"), torch_mlp(x, w1, b1, w2, b2, "gelu"))
     torch.testing.assert_close(GF.linear_act(x, w1, b1, "relu"), F.relu(F.linear(x, w1, b1)))
 
 
@@ -136,19 +135,19 @@ def test_bad_input():
     x = torch.randn(4, 16)
     w1, b1, w2, b2 = make_params(16, 32, 16)
     with pytest.raises(ValueError, match="activation"):
-        GF.mlp(x, w1, b1, w2, b2, "swish")
+        GF.fused_mlp(x, w1, b1, w2, b2, "swish")
     with pytest.raises(ValueError, match="fc_weight: expected shape"):
-        GF.mlp(torch.randn(4, 8), w1, b1, w2, b2)
+        GF.fused_mlp(torch.randn(4, 8), w1, b1, w2, b2)
     with pytest.raises(ValueError, match="proj_weight: expected shape"):
-        GF.mlp(x, w1, b1, torch.randn(16, 31), b2)
+        GF.fused_mlp(x, w1, b1, torch.randn(16, 31), b2)
     with pytest.raises(ValueError, match="fc_bias: expected shape"):
-        GF.mlp(x, w1, torch.randn(31), w2, b2)
+        GF.fused_mlp(x, w1, torch.randn(31), w2, b2)
     with pytest.raises(ValueError, match="proj_bias: expected shape"):
-        GF.mlp(x, w1, b1, w2, torch.randn(3))
+        GF.fused_mlp(x, w1, b1, w2, torch.randn(3))
     with pytest.raises(ValueError, match="x: expected dtype"):
-        GF.mlp(x.to(torch.int32), w1, b1, w2, b2)
+        GF.fused_mlp(x.to(torch.int32), w1, b1, w2, b2)
     with pytest.raises(ValueError, match="has dtype"):
-        GF.mlp(x.half(), w1, b1, w2, b2)
+        GF.fused_mlp(x.half(), w1, b1, w2, b2)
     with pytest.raises(ValueError, match="activation"):
         FusedMLP(8, 32, activation="none")
     with pytest.raises(ValueError, match="weight: expected shape"):
@@ -231,7 +230,7 @@ def test_mlp_kernel_matches_reference(act, shape, dtype, bias):
     w1, b1, w2, b2 = make_params(c, h, o, dtype, "cuda", bias)
     params = [x, w1, b1, w2, b2]
     with gptkernels.backend("kernel"):
-        y = GF.mlp(x, w1, b1, w2, b2, act)
+        y = GF.fused_mlp(x, w1, b1, w2, b2, act)
     y_low = torch_mlp(x, w1, b1, w2, b2, act)  # torch at the same precision
     p64 = [None if t is None else t.detach().double().requires_grad_() for t in params]
     y64 = torch_mlp(*p64, act)
@@ -288,11 +287,11 @@ def test_mlp_no_grad_and_empty_batch_cuda():
     w1, b1, w2, b2 = make_params(64, 256, 64, torch.bfloat16, "cuda")
     x = torch.randn(9, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad(), gptkernels.backend("kernel"):
-        y = GF.mlp(x, w1, b1, w2, b2, "gelu_tanh")
+        y = GF.fused_mlp(x, w1, b1, w2, b2, "gelu_tanh")
     torch.testing.assert_close(y, torch_mlp(x, w1, b1, w2, b2, "gelu_tanh").detach(), atol=3e-2, rtol=3e-2)
     x0 = torch.randn(0, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with gptkernels.backend("kernel"):
-        y0 = GF.mlp(x0, w1, b1, w2, b2, "gelu")
+        y0 = GF.fused_mlp(x0, w1, b1, w2, b2, "gelu")
     y0.sum().backward()
     assert y0.shape == (0, 64) and w1.grad.abs().sum() == 0 and b2.grad.abs().sum() == 0
 
@@ -304,7 +303,7 @@ def test_mlp_noncontiguous_input_and_odd_bias_view_cuda():
     big = torch.randn(257, device="cuda", dtype=torch.bfloat16)
     b1 = big[1:]  # 2-byte aligned view
     with gptkernels.backend("kernel"):
-        y = GF.mlp(x, w1, b1, w2, b2, "gelu_tanh")
+        y = GF.fused_mlp(x, w1, b1, w2, b2, "gelu_tanh")
     torch.testing.assert_close(y, torch_mlp(x, w1, b1, w2, b2, "gelu_tanh").detach(), atol=3e-2, rtol=3e-2)
 
 
@@ -338,17 +337,17 @@ def test_unsupported_shapes_and_fp32_fall_back_cuda():
         w1, b1, w2, b2 = make_params(c, 4 * c, c, dtype, "cuda")
         x = torch.randn(5, c, device="cuda", dtype=dtype)
         with pytest.warns(UserWarning, match="reference path"):
-            y = GF.mlp(x, w1, b1, w2, b2, "gelu")
+            y = GF.fused_mlp(x, w1, b1, w2, b2, "gelu")
         torch.testing.assert_close(y, torch_mlp(x, w1, b1, w2, b2, "gelu"))
         with gptkernels.backend("kernel"), pytest.raises(ValueError, match="does not support"):
-            GF.mlp(x, w1, b1, w2, b2, "gelu")
+            GF.fused_mlp(x, w1, b1, w2, b2, "gelu")
 
 
 @pytest.mark.cuda
 def test_cpu_cuda_mix_raises():
     w1, b1, w2, b2 = make_params(16, 64, 16)
     with pytest.raises(ValueError, match="is on cpu"):
-        GF.mlp(torch.randn(4, 16, device="cuda"), w1, b1, w2, b2)
+        GF.fused_mlp(torch.randn(4, 16, device="cuda"), w1, b1, w2, b2)
 
 
 @pytest.mark.cuda
@@ -359,6 +358,6 @@ def test_small_shapes_for_sanitize(act):
         x = torch.randn(3, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w1, b1, w2, b2 = make_params(8, 128, 16, torch.bfloat16, "cuda", bias)
         with gptkernels.backend("kernel"):
-            GF.mlp(x, w1, b1, w2, b2, act).float().sum().backward()
+            GF.fused_mlp(x, w1, b1, w2, b2, act).float().sum().backward()
             GF.linear_act(x, w1, b1, act).float().sum().backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(w1.grad).all()

@@ -325,11 +325,6 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(T* g, int64_t
   }
 }
 
-__global__ void add_f32_kernel(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    dst[i] += src[i];
-}
-
 unsigned grid_for_rows(int64_t rows, int64_t cap) {
   const int64_t g = rows < cap ? rows : cap;
   return static_cast<unsigned>(g < 1 ? 1 : g);
@@ -371,13 +366,6 @@ cudaError_t scale_rows(void* g, int64_t ld, int64_t rows, int64_t cols, const fl
         static_cast<T*>(g), ld, rows, cols, scale, per_row);
     return cudaGetLastError();
   });
-}
-
-cudaError_t add_f32(float* dst, const float* src, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(n, 256), cap = (int64_t)num_sms() * 8;
-  add_f32_kernel<<<(unsigned)(blocks < cap ? blocks : cap), 256, 0, stream>>>(dst, src, n);
-  return cudaGetLastError();
 }
 
 }  // namespace gptk

@@ -48,7 +48,4 @@ cudaError_t cross_entropy_reduce(const float* losses, int64_t rows, const int64_
 cudaError_t scale_rows(void* g, int64_t ld, int64_t rows, int64_t cols, const float* scale, bool per_row,
                        DType dtype, cudaStream_t stream);
 
-// dst[i] += src[i] (fp32).
-cudaError_t add_f32(float* dst, const float* src, int64_t n, cudaStream_t stream);
-
 }  // namespace gptk

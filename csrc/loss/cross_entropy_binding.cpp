@@ -19,8 +19,9 @@
 #include <optional>
 
 #include "binding.h"
+#include "elementwise.h"
+#include "gemm/lt_gemm.h"
 #include "loss/cross_entropy.h"
-#include "mlp/lt_gemm.h"
 
 namespace gptk {
 namespace {

@@ -3,7 +3,7 @@
 //   linear_act_fwd / linear_act_bwd   y = act(x W^T + b), act in none / gelu_tanh / gelu / relu
 //   mlp_fwd / mlp_bwd                 y = act(x W1^T + b1) W2^T + b2 (the FFN), one op each way
 //
-// The GEMMs run on cuBLASLt (mlp/lt_gemm.cpp) with torch's handle and workspace; the activation
+// The GEMMs run on cuBLASLt (gemm/lt_gemm.cpp) with torch's handle and workspace; the activation
 // lives in the GEMM epilogues where cuBLASLt has one, in our bias_act kernels where it does not.
 // What each activation saves for backward (`pre`) and how the backward applies its derivative:
 //
@@ -23,7 +23,7 @@
 
 #include "activation/bias_act.h"
 #include "binding.h"
-#include "mlp/lt_gemm.h"
+#include "gemm/lt_gemm.h"
 
 namespace gptk {
 namespace {

@@ -8,7 +8,7 @@ from gptkernels.ops.activation import bias_act
 from gptkernels.ops.attention import flash_attention, scaled_dot_product_attention
 from gptkernels.ops.loss import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
-from gptkernels.ops.mlp import linear_act, mlp
+from gptkernels.ops.mlp import fused_mlp, linear_act
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -25,4 +25,4 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["bias_gelu", "bias_relu", "layer_norm", "add_layer_norm", "scaled_dot_product_attention",
            "flash_attention", "linear_act", "cross_entropy",
-           "mlp", "linear_cross_entropy"]
+           "fused_mlp", "linear_cross_entropy"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from gptkernels.ops.loss import REDUCTIONS, cross_entropy
 from gptkernels.ops.layernorm import _normalized_shape, layer_norm
-from gptkernels.ops.mlp import LINEAR_ACTIVATIONS, mlp
+from gptkernels.ops.mlp import LINEAR_ACTIVATIONS, fused_mlp
 
 
 class LayerNorm(nn.Module):
@@ -56,7 +56,7 @@ class FusedMLP(nn.Module):
     def forward(self, x):
         # One op each way on the kernel path (torch.ops.gptkernels.mlp_fwd / mlp_bwd): the backward
         # applies act' in the epilogue of the proj input-gradient GEMM (see gptkernels/ops/mlp.py).
-        return mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias, self.activation)
+        return fused_mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias, self.activation)
 
     def extra_repr(self):
         return f"activation={self.activation!r}"

@@ -5,7 +5,7 @@ from gptkernels.ops.activation import bias_act
 from gptkernels.ops.attention import flash_attention
 from gptkernels.ops.loss import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
-from gptkernels.ops.mlp import linear_act
+from gptkernels.ops.mlp import fused_mlp, linear_act
 
 __all__ = ["bias_act", "flash_attention", "cross_entropy", "layer_norm", "add_layer_norm", "linear_act",
-           "linear_cross_entropy"]
+           "fused_mlp", "linear_cross_entropy"]

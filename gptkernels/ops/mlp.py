@@ -1,7 +1,7 @@
 """Linear layers with fused bias + activation epilogues, and the GPT feed-forward block.
 
   linear_act(x, W, b, act) = act(x @ W^T + b),  act in {"gelu_tanh", "gelu", "relu", "none"}
-  mlp(x, W1, b1, W2, b2, act) = act(x @ W1^T + b1) @ W2^T + b2   (the FFN: Linear -> act -> Linear)
+  fused_mlp(x, W1, b1, W2, b2, act) = act(x @ W1^T + b1) @ W2^T + b2   (the FFN: Linear -> act -> Linear)
 
 Kernel: csrc/mlp/ (cuBLASLt GEMMs with fused epilogues, see mlp_binding.cpp for what each activation
 saves and how its derivative is applied): torch.ops.gptkernels.linear_act_fwd / linear_act_bwd and
@@ -261,7 +261,7 @@ def linear_act(x, weight, bias=None, activation: str = "none"):
     return linear_act_ref(x, weight, bias, activation)
 
 
-def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation: str = "gelu_tanh"):
+def fused_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation: str = "gelu_tanh"):
     """proj(act(fc(x))) = act(x @ fc_weight^T + fc_bias) @ proj_weight^T + proj_bias: the GPT
     feed-forward block, differentiable in x and every parameter (biases may be None)."""
     if activation not in MLP_ACTIVATIONS:

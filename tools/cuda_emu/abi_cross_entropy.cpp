@@ -1,6 +1,7 @@
 // abi_cross_entropy.cpp: test-only C ABI over the fused softmax cross-entropy launchers, for the
 // emulated kernel tests (tests/test_emulated_kernels.py loads it with ctypes). Built only into the
 // emulator library.
+#include "elementwise.h"
 #include "loss/cross_entropy.h"
 
 #define GPTK_EMU_EXPORT extern "C" __attribute__((visibility("default")))

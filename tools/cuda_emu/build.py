@@ -48,7 +48,7 @@ translate = _load("gptk_cuda_emu_translate", HERE / "translate.py")
 FAMILIES = {
     "activation": (["activation/bias_act.cu"], "abi_activation.cpp"),
     "layernorm": (["layernorm/layer_norm.cu"], "abi_layernorm.cpp"),
-    "cross_entropy": (["loss/cross_entropy.cu"], "abi_cross_entropy.cpp"),
+    "cross_entropy": (["loss/cross_entropy.cu", "elementwise.cu"], "abi_cross_entropy.cpp"),
     "attention": (["attention/flash_api.cu", "attention/flash_bwd_prep.cu", "attention/flash_decode.cu",
                    *[f"attention/flash_{kind}_hdim{d}_{t}.cu" for kind in ("fwd", "bwd") for d in (64, 128)
                      for t in ("bf16", "fp16")]], "abi_attention.cpp"),

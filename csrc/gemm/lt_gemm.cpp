@@ -21,7 +21,7 @@
 // size and the alignment of every pointer (heuristics pick kernels by alignment, which is why we
 // also tell them the real alignment of A, B, C, D instead of cuBLASLt's default assumption of 256
 // bytes: a view with a storage offset may be only 2-byte aligned).
-#include "mlp/lt_gemm.h"
+#include "gemm/lt_gemm.h"
 
 #include <cstring>
 #include <map>
