@@ -15,9 +15,13 @@ PTX facts modelled (PTX ISA: ldmatrix; "Matrix Fragments for mma.m16n8k16 with f
   B regs: b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; C: c0,c1 = C[g][2t..], c2,c3 = C[g+8][2t..]
   with g = lane/4, t = lane%4.
 """
+import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_instantiations import head_dims  # noqa: E402  (the head dims of csrc/attention/attention_limits.h)
 
 # ---- shared tiles (mma.cuh: swz, load_tile_async) ---------------------------------------------
 
@@ -148,7 +152,7 @@ def main():
     rng = np.random.default_rng(0)
     smem = np.zeros(1 << 17)
     ok = True
-    for D in (64, 128):
+    for D in head_dims():
         # forward: S = Q K^T (A = Q [m][d], B^T = K [n][d]); warp rows at 32 (MT = 2)
         Q = rng.integers(-4, 5, (128, D)).astype(float)
         Kt = rng.integers(-4, 5, (64, D)).astype(float)

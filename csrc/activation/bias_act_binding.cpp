@@ -1,4 +1,5 @@
 // bias_act_binding.cpp: torch ops gptkernels::bias_act_fwd / bias_act_bwd (CUDA).
+#include "activation/activation_limits.h"
 #include "activation/bias_act.h"
 #include "binding.h"
 
@@ -14,6 +15,8 @@ Activation parse_activation(const std::string& name) {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& bias) {
   check_cuda(x, "x");
+  const std::string why = activation::problem_error(to_dtype(x, "x"));
+  TORCH_CHECK(why.empty(), "x: ", why);
   check_same_device(bias, x, "bias", "x");
   check_same_dtype(bias, x, "bias", "x");
   check_contiguous(x, "x");

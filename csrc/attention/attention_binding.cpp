@@ -1,4 +1,5 @@
-// attention_binding.cpp: torch ops gptkernels::flash_attn_fwd / flash_attn_bwd / flash_attn_decode.
+// attention_binding.cpp: torch ops gptkernels::flash_attn_fwd / flash_attn_bwd / flash_attn_decode (and
+// attention_impl: which implementation an op would use on a given GPU).
 //
 // flash_attn_decode is the split-KV forward for a few query rows over a long cache (no autograd;
 // gptkernels.ops.flash_attention routes to it when no gradient is needed and Sq * Hq/Hkv is small).
@@ -8,11 +9,12 @@
 // unless a tensor breaks the kernels' alignment rules (last dim contiguous, 16-byte aligned base
 // and strides in multiples of 8 elements), in which case a contiguous copy is made here.
 // Outputs are contiguous in the caller's layout (a bshd output views as (B, S, H*D) for free).
+#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
-#include <cmath>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "attention/flash.h"
 #include "binding.h"
@@ -53,26 +55,37 @@ TensorRef ref_of(const at::Tensor& t_user, bool bshd) {
   return r;
 }
 
-void check_arch(const at::Tensor& t) {
-  int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index());
-  TORCH_CHECK(major >= 8, "gptkernels attention: the kernels need an sm_80 or newer GPU (got compute capability ",
-              major, ".x)");
+// GPTKERNELS_ATTENTION_IMPL: "auto" (default) or an implementation's name (flash_api.cu).
+const char* requested_impl() {
+  const char* r = std::getenv("GPTKERNELS_ATTENTION_IMPL");
+  const char* known = attn::unknown_impl_error(r);
+  TORCH_CHECK(known == nullptr, "GPTKERNELS_ATTENTION_IMPL=", r, ": expected one of ", known);
+  return r;
+}
+
+// The implementation that runs `op` on the tensors' device (select_impl, from its compute capability).
+attn::Impl impl_for(attn::AttnOp op, const at::Tensor& t) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
+  const int cc = prop->major * 10 + prop->minor;
+  const attn::Impl impl = attn::select_impl(op, cc, requested_impl());
+  TORCH_CHECK(impl != attn::Impl::kNone, "gptkernels attention: no kernel for this GPU (compute capability ",
+              prop->major, ".", prop->minor, "); the kernels need sm_80 or newer");
+  return impl;
 }
 
 struct Shapes {
   int64_t b, hq, hkv, sq, sk, d;
 };
 
-// Checks q, k, v (given in the caller's layout) and returns the (B, H, S, D) sizes.
+// Checks the tensor facts of q, k, v (given in the caller's layout) and the problem against the
+// kernels' limits (attention_limits.h); returns the (B, H, S, D) sizes.
 Shapes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool bshd, double scale) {
   check_cuda(q, "q");
   check_same_device(k, q, "k", "q");
   check_same_device(v, q, "v", "q");
   check_same_dtype(k, q, "k", "q");
   check_same_dtype(v, q, "v", "q");
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q: the attention kernels take float16 or bfloat16, got ", q.scalar_type());
+  const DType dtype = to_dtype(q, "q");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: expected 4-D tensors, got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());
   const at::Tensor qb = bhsd_view(q, bshd), kb = bhsd_view(k, bshd), vb = bhsd_view(v, bshd);
@@ -80,12 +93,8 @@ Shapes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   TORCH_CHECK(kb.sizes() == vb.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(kb.size(0) == s.b, "k: batch ", kb.size(0), " does not match q's batch ", s.b);
   TORCH_CHECK(kb.size(3) == s.d, "k: head dim ", kb.size(3), " does not match q's head dim ", s.d);
-  TORCH_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, "k: its ", s.hkv, " heads must divide q's ", s.hq, " heads");
-  TORCH_CHECK(s.d > 0 && s.d % 8 == 0 && s.d <= 128, "head dim ", s.d,
-              ": the kernels take multiples of 8 up to 128 (use the reference path otherwise)");
-  TORCH_CHECK(s.sq < (1 << 30) && s.sk < (1 << 30), "sequence lengths must be below 2^30");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale: the kernels need a positive finite scale, got ", scale);
-  check_arch(q);
+  const std::string why = attn::problem_error(s.b, s.hq, s.hkv, s.sq, s.sk, s.d, scale, dtype);
+  TORCH_CHECK(why.empty(), "gptkernels attention: ", why, " (use the PyTorch paths otherwise)");
   return s;
 }
 
@@ -133,8 +142,8 @@ struct ForwardCall {
   at::Tensor q, k, v, out, lse;
   std::optional<at::Tensor> kv_lens;
   attn::FlashFwdParams p;
-  ForwardCall(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, double scale,
-              const std::string& layout, const std::optional<at::Tensor>& kv_lens_in) {
+  ForwardCall(attn::AttnOp op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal,
+              double scale, const std::string& layout, const std::optional<at::Tensor>& kv_lens_in) {
     const bool bshd = parse_layout(layout);
     const Shapes s = check_qkv(q_in, k_in, v_in, bshd, scale);
     q = prepare(q_in, bshd);
@@ -144,6 +153,7 @@ struct ForwardCall {
     out = at::empty(q.sizes(), q.options());
     lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
     p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kv_lens);
+    p.impl = impl_for(op, q);
   }
 };
 
@@ -153,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q_in, const 
                                                   bool deterministic) {
   (void)deterministic;  // used by the backward only
   c10::cuda::CUDAGuard guard(q_in.device());
-  ForwardCall c(q_in, k_in, v_in, causal, scale, layout, kv_lens);
+  ForwardCall c(attn::AttnOp::kFwd, q_in, k_in, v_in, causal, scale, layout, kv_lens);
   if (c.out.numel() == 0) return {c.out, c.lse};
   check_launch(attn::flash_fwd(c.p, current_stream(c.q)), "flash_attn_fwd");
   return {c.out, c.lse};
@@ -164,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(const at::Tensor& q_in, con
                                                      const std::string& layout,
                                                      const std::optional<at::Tensor>& kv_lens) {
   c10::cuda::CUDAGuard guard(q_in.device());
-  ForwardCall c(q_in, k_in, v_in, causal, scale, layout, kv_lens);
+  ForwardCall c(attn::AttnOp::kDecode, q_in, k_in, v_in, causal, scale, layout, kv_lens);
   if (c.out.numel() == 0) return {c.out, c.lse};
   const int splits = attn::flash_decode_num_splits(c.p, num_sms());
   const size_t bytes = attn::flash_decode_workspace_bytes(c.p, splits);
@@ -222,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   set_problem(p, s, causal, scale);
   p.deterministic = deterministic;
   p.dtype = to_dtype(q, "q");
+  p.impl = impl_for(attn::AttnOp::kBwd, q);
   const int splits = attn::flash_bwd_dq_splits(p, num_sms());
   at::Tensor ws = at::empty({static_cast<int64_t>(attn::flash_bwd_workspace_bytes(p, splits))},
                             q.options().dtype(at::kByte));
@@ -229,10 +240,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   return {dq, dk, dv};
 }
 
+// For `gptkernels info` and tests: the implementation `op` ("fwd", "bwd" or "decode") would use on a
+// device of compute capability `capability` (e.g. 90), "" when none; honours GPTKERNELS_ATTENTION_IMPL.
+std::string attention_impl(const std::string& op, int64_t capability) {
+  attn::AttnOp o;
+  if (op == "fwd") o = attn::AttnOp::kFwd;
+  else if (op == "bwd") o = attn::AttnOp::kBwd;
+  else if (op == "decode") o = attn::AttnOp::kDecode;
+  else TORCH_CHECK(false, "op: expected 'fwd', 'bwd' or 'decode', got '", op, "'");
+  const attn::Impl impl = attn::select_impl(o, static_cast<int>(capability), requested_impl());
+  return attn::impl_description(impl, o);
+}
+
 }  // namespace
 }  // namespace gptk
 
 TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
+  m.def("attention_impl(str op, int capability) -> str", &gptk::attention_impl);
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, str layout, Tensor? kv_lens, "
       "bool deterministic) -> (Tensor, Tensor)");

@@ -1,41 +1,94 @@
-// flash_api.cu: the attention entry points declared in flash.h. They validate what the kernels
-// rely on and pick an instantiation by dtype (bf16 / fp16), head dim (<= 64 -> the 64 kernel,
-// <= 128 -> the 128 kernel; other dims are zero-padded in shared memory) and architecture.
+// flash_api.cu: the attention entry points declared in flash.h and the choice of implementation.
 //
-// Architecture dispatch: `select_arch_path` is the one place that chooses between kernel
-// families. Today it returns the sm_80 mma.sync path for every GPU >= sm_80 (it runs on sm_90
-// too). A Hopper path (wgmma + TMA + warp specialisation, FlashAttention-3 style) would add
-// ArchPath::kSm90 and its own run_flash_*_sm90 instantiations next to the sm80 ones.
+// - select_impl: the one place that picks an implementation for an op and a device, from the
+//   table below (first matching row wins; opt-in rows only when GPTKERNELS_ATTENTION_IMPL names
+//   them). The binding calls it with the tensors' device and puts the result in params.impl.
+// - flash_fwd / flash_bwd / flash_decode: check the problem (attention_limits.h: problem_error),
+//   then switch on params.impl, dtype and head dim (ATTN_DTYPE_SWITCH, HEADDIM_SWITCH) to a launcher.
+// A Hopper implementation (wgmma + TMA + warp specialisation) adds Impl::kSm90, a row in kImpls and
+// `case Impl::kSm90:` in the entry points it serves, with its launchers in csrc/attention/sm90/
+// (compiled for sm_90a only; setup.py defines GPTK_HAVE_SM90 when they are built).
+#include <algorithm>
+#include <cstring>
+
 #include "attention/flash.h"
 #include "static_switch.h"
-
-#include <algorithm>
 
 namespace gptk {
 namespace attn {
 namespace {
 
-enum class ArchPath { kSm80 };
+struct ImplRow {
+  Impl impl;
+  const char* name;                // what GPTKERNELS_ATTENTION_IMPL calls it
+  const char* what[3];             // per AttnOp (fwd, bwd, decode); nullptr: does not serve that op
+  int min_cc, max_cc;              // devices it runs on (major * 10 + minor)
+  bool opt_in;                     // chosen only when requested by name
+};
 
-ArchPath select_arch_path() { return ArchPath::kSm80; }
+// In order of preference.
+constexpr ImplRow kImpls[] = {
+    {Impl::kSm80, "sm80", {"mma.sync kernel", "mma.sync kernel", "split-KV decode kernel"}, 80, 1000, false},
+};
 
-bool valid_common(int batch, int hq, int hkv, int sq, int sk, int d, float scale) {
-  constexpr int kMaxLen = 1 << 30;  // mask arithmetic stays in int32 (mask.cuh)
-  return batch >= 0 && hq > 0 && hkv > 0 && hq % hkv == 0 && sq >= 0 && sk >= 0 && sq < kMaxLen && sk < kMaxLen &&
-         d > 0 && d % 8 == 0 && d <= 128 && scale > 0.f && scale < INFINITY;
+const ImplRow* find_row(Impl impl) {
+  for (const ImplRow& r : kImpls)
+    if (r.impl == impl) return &r;
+  return nullptr;
+}
+
+bool serves(const ImplRow& r, AttnOp op, int cc) {
+  return r.what[static_cast<int>(op)] != nullptr && cc >= r.min_cc && cc <= r.max_cc;
+}
+
+bool is_auto(const char* requested) {
+  return requested == nullptr || requested[0] == '\0' || std::strcmp(requested, "auto") == 0;
 }
 
 }  // namespace
 
+Impl select_impl(AttnOp op, int cc, const char* requested) {
+  if (!is_auto(requested))
+    for (const ImplRow& r : kImpls)
+      if (std::strcmp(r.name, requested) == 0 && serves(r, op, cc)) return r.impl;
+  for (const ImplRow& r : kImpls)
+    if (!r.opt_in && serves(r, op, cc)) return r.impl;
+  return Impl::kNone;
+}
+
+const char* unknown_impl_error(const char* requested) {
+  if (is_auto(requested)) return nullptr;
+  for (const ImplRow& r : kImpls)
+    if (std::strcmp(r.name, requested) == 0) return nullptr;
+  static const std::string names = [] {
+    std::string s = "auto";
+    for (const ImplRow& r : kImpls) s += std::string(", ") + r.name;
+    return s;
+  }();
+  return names.c_str();
+}
+
+const char* impl_name(Impl impl) {
+  const ImplRow* r = find_row(impl);
+  return r ? r->name : "none";
+}
+
+std::string impl_description(Impl impl, AttnOp op) {
+  const ImplRow* r = find_row(impl);
+  if (r == nullptr || r->what[static_cast<int>(op)] == nullptr) return {};
+  return std::string(r->name) + " " + r->what[static_cast<int>(op)];
+}
+
 cudaError_t flash_fwd(FlashFwdParams p, cudaStream_t stream) {
-  if (!valid_common(p.batch, p.hq, p.hkv, p.sq, p.sk, p.d, p.scale)) return cudaErrorInvalidValue;
+  if (!problem_error(p).empty()) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.sq == 0) return cudaSuccess;
-  switch (select_arch_path()) {
-    case ArchPath::kSm80:
-    default:
-      return HALF_DTYPE_SWITCH(p.dtype, T, [&] {
-        return p.d <= 64 ? run_flash_fwd_sm80<T, 64>(p, stream) : run_flash_fwd_sm80<T, 128>(p, stream);
+  switch (p.impl) {
+    case Impl::kSm80:
+      return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
+        return HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_flash_fwd_sm80<T, kHeadDim>(p, stream); });
       });
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
@@ -60,8 +113,9 @@ size_t flash_bwd_workspace_bytes(const FlashBwdParams& p, int dq_splits) {
 }
 
 cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStream_t stream) {
-  if (!valid_common(p.batch, p.hq, p.hkv, p.sq, p.sk, p.d, p.scale) || dq_splits < 1) return cudaErrorInvalidValue;
+  if (!problem_error(p).empty() || dq_splits < 1) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
+  if (p.impl != Impl::kSm80) return cudaErrorInvalidValue;  // the only backward today
   const int64_t sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
   const size_t rows = static_cast<size_t>(p.batch) * p.hq * sq_pad;
   char* ws = static_cast<char*>(workspace);
@@ -73,15 +127,37 @@ cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStre
   cudaError_t err = dq_bytes ? cudaMemsetAsync(p.dq_accum, 0, dq_bytes, stream) : cudaSuccess;
   if (err != cudaSuccess) return err;
   if ((err = flash_bwd_preprocess(p, stream)) != cudaSuccess) return err;
-  switch (select_arch_path()) {
-    case ArchPath::kSm80:
-    default:
-      err = HALF_DTYPE_SWITCH(p.dtype, T, [&] {
-        return p.d <= 64 ? run_flash_bwd_sm80<T, 64>(p, stream) : run_flash_bwd_sm80<T, 128>(p, stream);
+  switch (p.impl) {
+    case Impl::kSm80:
+      err = ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
+        return HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_flash_bwd_sm80<T, kHeadDim>(p, stream); });
       });
+      break;
+    default:
+      err = cudaErrorInvalidValue;
   }
   if (err != cudaSuccess) return err;
   return flash_bwd_convert_dq(p, stream);
+}
+
+cudaError_t flash_decode(FlashFwdParams p, void* workspace, int num_splits, cudaStream_t stream) {
+  if (!problem_error(p).empty() || num_splits < 1 || (num_splits > 1 && workspace == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.sq == 0) return cudaSuccess;
+  p.num_splits = num_splits;
+  if (num_splits > 1) {
+    const size_t rows = static_cast<size_t>(num_splits) * p.batch * p.hq * p.sq;
+    p.o_accum = static_cast<float*>(workspace);
+    p.lse_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(rows * p.d * sizeof(float)));
+  }
+  switch (p.impl) {
+    case Impl::kSm80:
+      return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
+        return HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_flash_decode_sm80<T, kHeadDim>(p, stream); });
+      });
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace attn

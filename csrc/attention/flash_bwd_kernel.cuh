@@ -70,7 +70,10 @@ struct BwdTraits {
 // for d=64 (S + dP: 64 registers), 32 for d=128 (S + dP: 32; FlashAttention-2's 64 spills here).
 // Shared memory: 97 KB (d=64), 113 KB (d=128).
 template <int kHeadDim>
-struct BwdConfig;
+struct BwdConfig {
+  static_assert(kHeadDim < 0, "no backward tile configuration for this head dim (GPTK_ATTN_HEAD_DIMS lists it): "
+                              "add a BwdConfig specialisation");
+};
 template <>
 struct BwdConfig<64> {
   using Traits = BwdTraits<64, 64, 128, 8, 2, 4, 4>;

@@ -84,7 +84,7 @@ cudaError_t flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(rows, kPrepThreads / 32);
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  return HALF_DTYPE_SWITCH(p.dtype, T, [&] {
+  return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
     flash_bwd_preprocess_kernel<T><<<static_cast<unsigned>(blocks), kPrepThreads, 0, stream>>>(p, sq_pad);
     return cudaGetLastError();
   });
@@ -94,7 +94,7 @@ cudaError_t flash_bwd_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(p.batch) * p.hq * p.sq * (p.d / 8);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kPrepThreads), 32LL * num_sms());
-  return HALF_DTYPE_SWITCH(p.dtype, T, [&] {
+  return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
     flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks), kPrepThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });

@@ -37,9 +37,10 @@ constexpr float kDecLn2 = 0.6931471805599453f;
 
 template <int kHeadDim>
 struct DecodeConfig {
-  static constexpr int kChunks = kHeadDim / 64;               // 16-byte chunks per lane
+  static constexpr int kChunks = (kHeadDim + 63) / 64;        // 16-byte chunks per lane
   static constexpr int kElems = kChunks * 8;                  // dims per lane
-  static constexpr int kUnroll = kHeadDim == 64 ? 4 : 2;      // keys per slot per step
+  static constexpr int kWidth = kChunks * 64;                 // dims the 8 lanes of a slot cover
+  static constexpr int kUnroll = kChunks == 1 ? 4 : 2;        // keys per slot per step
   static constexpr int kKeysPerStep = kDecSlots * kUnroll;
 };
 
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kDecThreads) flash_decode_kernel(const FlashFw
   using Cfg = DecodeConfig<kHeadDim>;
   constexpr int kE = Cfg::kElems, kU = Cfg::kUnroll;
   __shared__ float s_m[4][kDecRows], s_l[4][kDecRows];
-  __shared__ float s_o[4][kDecRows][kHeadDim];
+  __shared__ float s_o[4][kDecRows][Cfg::kWidth];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = tid >> 3, l8 = lane & 7;
@@ -265,28 +266,25 @@ __global__ void __launch_bounds__(128) flash_decode_combine_kernel(const FlashFw
   if (lane == 0) p.lse[row] = wsum > 0.f ? mx + logf(wsum) : -INFINITY;
 }
 
+// Row groups per (batch, K/V head); they do not depend on the head dim, so neither does the split count.
+int decode_row_groups(const FlashFwdParams& p) {
+  return static_cast<int>(ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows));
+}
+
+template <int kHeadDim>
 DecodeGeometry decode_geometry(const FlashFwdParams& p, int num_splits) {
-  const int keys_per_step = p.d <= 64 ? DecodeConfig<64>::kKeysPerStep : DecodeConfig<128>::kKeysPerStep;
+  constexpr int keys_per_step = DecodeConfig<kHeadDim>::kKeysPerStep;
   DecodeGeometry geo;
-  geo.row_groups = static_cast<int>(ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows));
+  geo.row_groups = decode_row_groups(p);
   const int64_t per_split = ceil_div(p.sk, std::max(num_splits, 1));
   geo.split_keys = static_cast<int>(std::max<int64_t>(ceil_div(per_split, keys_per_step) * keys_per_step, 1));
   return geo;
 }
 
-template <typename T, int kHeadDim>
-cudaError_t launch_decode(const FlashFwdParams& p, const DecodeGeometry& geo, cudaStream_t stream) {
-  const int64_t grid = static_cast<int64_t>(p.num_splits) * geo.row_groups * p.batch * p.hkv;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p, geo);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
-  const DecodeGeometry geo = decode_geometry(p, 1);
-  const int64_t ctas = static_cast<int64_t>(p.batch) * p.hkv * geo.row_groups;
+  const int64_t ctas = static_cast<int64_t>(p.batch) * p.hkv * decode_row_groups(p);
   if (ctas <= 0) return 1;
   const int64_t by_sms = ceil_div(2LL * num_sms, ctas);   // about two CTAs per SM
   const int64_t by_keys = ceil_div(p.sk, 128);             // at least 128 keys per split
@@ -299,31 +297,31 @@ size_t flash_decode_workspace_bytes(const FlashFwdParams& p, int num_splits) {
   return (rows * p.d * sizeof(float) + 255) / 256 * 256 + rows * sizeof(float);
 }
 
-cudaError_t flash_decode(FlashFwdParams p, void* workspace, int num_splits, cudaStream_t stream) {
-  if (p.batch < 0 || p.hq <= 0 || p.hkv <= 0 || p.hq % p.hkv != 0 || p.sq < 0 || p.sk < 0 || p.sq >= (1 << 30) ||
-      p.sk >= (1 << 30) || p.d <= 0 || p.d % 8 != 0 || p.d > 128 || !(p.scale > 0.f) || !(p.scale < INFINITY) ||
-      num_splits < 1 || (num_splits > 1 && workspace == nullptr))
-    return cudaErrorInvalidValue;
-  if (p.batch == 0 || p.sq == 0) return cudaSuccess;
-  p.num_splits = num_splits;
-  if (num_splits > 1) {
-    const size_t rows = static_cast<size_t>(num_splits) * p.batch * p.hq * p.sq;
-    p.o_accum = static_cast<float*>(workspace);
-    p.lse_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + (rows * p.d * sizeof(float) + 255) / 256 * 256);
-  }
-  const DecodeGeometry geo = decode_geometry(p, num_splits);
-  cudaError_t err = HALF_DTYPE_SWITCH(p.dtype, T, [&] {
-    return p.d <= 64 ? launch_decode<T, 64>(p, geo, stream) : launch_decode<T, 128>(p, geo, stream);
-  });
-  if (err != cudaSuccess || num_splits == 1) return err;
+// The decode kernel (and, when split, the combine) for one dtype and head dim; flash_decode()
+// (flash_api.cu) has checked the problem and carved the workspace into params.
+template <typename T, int kHeadDim>
+cudaError_t run_flash_decode_sm80(const FlashFwdParams& p, cudaStream_t stream) {
+  const DecodeGeometry geo = decode_geometry<kHeadDim>(p, p.num_splits);
+  const int64_t grid = static_cast<int64_t>(p.num_splits) * geo.row_groups * p.batch * p.hkv;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p, geo);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
   const int64_t blocks = ceil_div(rows, 4);
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  return HALF_DTYPE_SWITCH(p.dtype, T, [&] {
-    flash_decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
-    return cudaGetLastError();
-  });
+  flash_decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
+  return cudaGetLastError();
 }
+
+// One instantiation per (dtype, head dim) of attention_limits.h (the decode kernels are small: no
+// per-file split as for the forward and backward).
+#define GPTK_DECODE_INST_HD_(HD, CTYPE) \
+  template cudaError_t run_flash_decode_sm80<CTYPE, HD>(const FlashFwdParams&, cudaStream_t);
+#define GPTK_DECODE_INST_(SUFFIX, ENUM, CTYPE) GPTK_ATTN_HEAD_DIMS(GPTK_DECODE_INST_HD_, CTYPE)
+GPTK_ATTN_DTYPES(GPTK_DECODE_INST_)
+#undef GPTK_DECODE_INST_
+#undef GPTK_DECODE_INST_HD_
 
 }  // namespace attn
 }  // namespace gptk

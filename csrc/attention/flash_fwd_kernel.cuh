@@ -51,7 +51,10 @@ struct FwdTraits {
 // spill under nvcc 13 with this code, so the key blocks are halved: acc_o + acc_s = 64 + 64
 // (d=64) and 128 + 32 (d=128) registers. Shared memory: 32 KB and 48 KB (+256 B alignment).
 template <int kHeadDim>
-struct FwdConfig;
+struct FwdConfig {
+  static_assert(kHeadDim < 0, "no forward tile configuration for this head dim (GPTK_ATTN_HEAD_DIMS lists it): "
+                              "add a FwdConfig specialisation");
+};
 template <>
 struct FwdConfig<64> {
   using Traits = FwdTraits<64, 128, 64, 4>;

@@ -48,6 +48,11 @@ cublasStatus_t lt_linear_wgrad(const LtContext& ctx, DType dtype, DType dw_dtype
                                const void* x, void* dw, int64_t n, int64_t in, int64_t out, bool accumulate,
                                void* bias_grad);
 
+// A fused epilogue's GEMM failed in a way that a plain GEMM plus separate epilogue kernels can
+// replace: cuBLASLt has no algorithm for it (NOT_SUPPORTED, also returned when the heuristic finds
+// none). Every other status is an error. (lt_torch.h runs the fallback.)
+inline bool lt_should_fall_back(cublasStatus_t s) { return s == CUBLAS_STATUS_NOT_SUPPORTED; }
+
 const char* lt_status_string(cublasStatus_t s);
 const char* lt_epilogue_name(cublasLtEpilogue_t e);
 

@@ -45,10 +45,10 @@ namespace {
 
 constexpr int kUnit = 8;          // elements per unit
 constexpr int kMaxVpt = 4;        // units per thread, at most
-constexpr int kMaxTpr = 512;      // threads per row, at most (kMaxTpr * kMaxVpt * kUnit = kLayerNormMaxCols)
+constexpr int kMaxTpr = 512;      // threads per row, at most (kMaxTpr * kMaxVpt * kUnit = layernorm::kMaxCols)
 constexpr int kBlockTarget = 256;  // threads per block when a row needs fewer
 constexpr int kMaxWarps = kMaxTpr / 32;
-static_assert(kMaxTpr * kMaxVpt * kUnit == kLayerNormMaxCols, "kLayerNormMaxCols must match the launch limits");
+static_assert(kMaxTpr * kMaxVpt * kUnit == layernorm::kMaxCols, "layernorm::kMaxCols must match the launch limits");
 
 // ---- units of 8 elements ----------------------------------------------------------------------
 
@@ -490,7 +490,8 @@ cudaError_t bwd_grid(const Config& c, int64_t rows, size_t smem, int* grid) {
 cudaError_t layer_norm_forward(const void* x, const void* residual, const void* weight, const void* bias, void* y,
                                void* s_out, float* mean, float* rstd, int64_t rows, int64_t cols, float eps,
                                DType dtype, cudaStream_t stream) {
-  if (cols < 1 || cols > kLayerNormMaxCols || (residual != nullptr && s_out == nullptr)) return cudaErrorInvalidValue;
+  if (!layernorm::problem_error(cols, dtype).empty() || (residual != nullptr && s_out == nullptr))
+    return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const Config c = choose_config((int)cols, kFwdVpt);
   FwdParams p{x, residual, weight, bias, y, s_out, mean, rstd, rows, (int)cols, c.tpr, eps};
@@ -509,7 +510,7 @@ cudaError_t layer_norm_forward(const void* x, const void* residual, const void* 
 }
 
 size_t layer_norm_backward_workspace(int64_t rows, int64_t cols, DType dtype, bool param_grads) {
-  if (!param_grads || rows == 0 || cols < 1 || cols > kLayerNormMaxCols) return 0;
+  if (!param_grads || rows == 0 || !layernorm::problem_error(cols, dtype).empty()) return 0;
   const Config c = choose_config((int)cols, bwd_vpt(dtype));
   const size_t smem = bwd_smem_bytes(c);
   // The vectorised and general kernels may differ in occupancy: size for the larger grid.
@@ -528,7 +529,7 @@ size_t layer_norm_backward_workspace(int64_t rows, int64_t cols, DType dtype, bo
 cudaError_t layer_norm_backward(const void* dy, const void* x, const void* weight, const float* mean,
                                 const float* rstd, const void* ds, void* dx, void* dweight, void* dbias, int64_t rows,
                                 int64_t cols, DType dtype, void* workspace, cudaStream_t stream) {
-  if (cols < 1 || cols > kLayerNormMaxCols) return cudaErrorInvalidValue;
+  if (!layernorm::problem_error(cols, dtype).empty()) return cudaErrorInvalidValue;
   const bool param_grads = dweight != nullptr || dbias != nullptr;
   return DTYPE_SWITCH(dtype, T, [&] {
     if (rows == 0) {  // the parameter gradients of an empty batch are zero

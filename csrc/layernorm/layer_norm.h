@@ -11,15 +11,13 @@
 #include <cstdint>
 
 #include "common.h"
+#include "layernorm/layernorm_limits.h"
 
 namespace gptk {
 
-// Largest row (hidden size) the kernels take; wider rows are left to the PyTorch reference.
-constexpr int64_t kLayerNormMaxCols = 16384;
-
 // y = (s - mean) * rstd * weight + bias with s = x, or s = residual + x (rounded to the storage
 // type and written to s_out) when residual is not null. weight and bias may be null. Writes
-// mean and rstd (fp32, [rows]). Needs 1 <= cols <= kLayerNormMaxCols.
+// mean and rstd (fp32, [rows]). Needs layernorm::problem_error(cols, dtype) to be "".
 cudaError_t layer_norm_forward(const void* x, const void* residual, const void* weight, const void* bias, void* y,
                                void* s_out, float* mean, float* rstd, int64_t rows, int64_t cols, float eps,
                                DType dtype, cudaStream_t stream);

@@ -7,14 +7,15 @@
 namespace gptk {
 namespace {
 
+// Tensor facts of x, then the kernels' rule for its rows (layernorm_limits.h); returns the row length.
 int64_t check_rows_input(const at::Tensor& x, const char* name) {
   check_cuda(x, name);
-  to_dtype(x, name);
+  const DType dtype = to_dtype(x, name);
   check_contiguous(x, name);
   TORCH_CHECK(x.dim() >= 1, name, ": expected at least 1 dimension");
   const int64_t cols = x.size(-1);
-  TORCH_CHECK(cols >= 1 && cols <= kLayerNormMaxCols, name, ": the last dimension must be in [1, ", kLayerNormMaxCols,
-              "] for the kernel, got ", cols);
+  const std::string why = layernorm::problem_error(cols, dtype);
+  TORCH_CHECK(why.empty(), name, ": ", why);
   return cols;
 }
 

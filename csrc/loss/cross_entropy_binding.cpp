@@ -13,7 +13,6 @@
 //       the cross-entropy kernel overwrites them with their gradient in place, then dx = g W and
 //       dW += g^T x (fp32 accumulator, db from the same GEMM's BGRADB epilogue). The full [N, V]
 //       logits never exist; peak extra memory is one [chunk, V] buffer plus an fp32 [V, C].
-#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/zeros.h>
 
 #include <optional>
@@ -21,7 +20,9 @@
 #include "binding.h"
 #include "elementwise.h"
 #include "gemm/lt_gemm.h"
+#include "gemm/lt_torch.h"
 #include "loss/cross_entropy.h"
+#include "loss/loss_limits.h"
 
 namespace gptk {
 namespace {
@@ -51,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
   const DType dt = to_dtype(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits: expected a 2-D [rows, vocab] tensor, got ", logits.sizes());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(vocab > 0 && vocab < (int64_t(1) << 31), "logits: vocab size must be in [1, 2^31), got ", vocab);
+  const std::string why = loss::problem_error(vocab, dt);
+  TORCH_CHECK(why.empty(), "logits: ", why);
   TORCH_CHECK(logits.stride(1) == 1 && (rows <= 1 || logits.stride(0) >= vocab),
               "logits: expected rows of contiguous elements (strides ", logits.strides(), ")");
   check_target(target, logits, rows);
@@ -112,8 +114,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const CeReduction red = parse_reduction(reduction, /*allow_none=*/false);
   check_cuda(x, "x");
   check_contiguous(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "x: the fused linear cross-entropy takes float16 or bfloat16, got ", x.scalar_type());
   const DType dt = to_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D [tokens, features] tensor, got ", x.sizes());
   const int64_t n = x.size(0), c = x.size(1), vocab = weight.size(0);
@@ -123,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   check_contiguous(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == c, "weight: expected shape [vocab, ", c, "], got ",
               weight.sizes());
-  TORCH_CHECK(c % 8 == 0 && c > 0, "x: features must be a positive multiple of 8, got ", c);
-  TORCH_CHECK(vocab > 0 && vocab < (int64_t(1) << 31), "weight: vocab size must be in [1, 2^31), got ", vocab);
+  const std::string why = loss::linear_problem_error(c, vocab, dt);
+  TORCH_CHECK(why.empty(), "linear_cross_entropy: ", why);
   if (bias.has_value()) {
     check_cuda(*bias, "bias");
     check_same_device(*bias, x, "bias", "x");
@@ -158,21 +158,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     at::Tensor logits = at::empty({chunk, ldc}, opts);
     const at::Tensor b = bias.has_value() ? (reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 ? bias->clone() : *bias)
                                           : at::Tensor();
-    LtContext ctx;
-    ctx.handle = at::cuda::getCurrentCUDABlasLtHandle();
-    ctx.workspace = at::cuda::getCUDABlasLtWorkspace();
-    ctx.workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-    ctx.stream = stream;
-    ctx.device = x.device().index();
+    const LtContext ctx = lt_context(x);
     const size_t elt = x.element_size(), telt = target.element_size();
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t rows = chunk < n - r0 ? chunk : n - r0;
       const char* xr = static_cast<const char*>(x.data_ptr()) + r0 * c * elt;
+      const at::Tensor chunk_logits = logits.narrow(0, 0, rows).narrow(1, 0, vocab);
+      auto logits_gemm = [&](const LtEpilogue& e) {
+        return lt_linear_forward(ctx, dt, xr, weight.data_ptr(), logits.data_ptr(), rows, c, vocab, ldc, e);
+      };
       LtEpilogue epi;
       epi.op = bias.has_value() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
       epi.bias = bias.has_value() ? b.data_ptr() : nullptr;
-      cublasStatus_t s = lt_linear_forward(ctx, dt, xr, weight.data_ptr(), logits.data_ptr(), rows, c, vocab, ldc, epi);
-      TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, "gptkernels: cuBLASLt logits GEMM failed: ", lt_status_string(s));
+      if (!lt_try_fused(epi.op, "logits GEMM", rows, c, vocab, [&] { return logits_gemm(epi); })) {
+        check_lt(logits_gemm(LtEpilogue()), "logits GEMM", CUBLASLT_EPILOGUE_DEFAULT, rows, c, vocab);
+        chunk_logits.add_(b);
+      }
       CrossEntropyRows p;
       p.logits = logits.data_ptr();
       p.ld = ldc;
@@ -189,14 +190,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       p.dtype = dt;
       check_launch(cross_entropy_rows(p, stream), "cross_entropy_rows");
       if (!compute_grad) continue;
-      LtEpilogue plain;
-      s = lt_linear_dgrad(ctx, dt, logits.data_ptr(), ldc, weight.data_ptr(),
-                          static_cast<char*>(dx.data_ptr()) + r0 * c * elt, rows, c, vocab, plain);
-      TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, "gptkernels: cuBLASLt dx GEMM failed: ", lt_status_string(s));
-      s = lt_linear_wgrad(ctx, dt, DType::kFloat32, logits.data_ptr(), ldc, xr, dw_acc.data_ptr(), rows, c, vocab,
-                          /*accumulate=*/r0 > 0, bias.has_value() ? db_chunk.data_ptr() : nullptr);
-      TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, "gptkernels: cuBLASLt dweight GEMM", bias.has_value() ? " (BGRADB)" : "",
-                  " failed: ", lt_status_string(s));
+      check_lt(lt_linear_dgrad(ctx, dt, logits.data_ptr(), ldc, weight.data_ptr(),
+                               static_cast<char*>(dx.data_ptr()) + r0 * c * elt, rows, c, vocab, LtEpilogue()),
+               "dx GEMM", CUBLASLT_EPILOGUE_DEFAULT, rows, c, vocab);
+      lt_wgrad_bias(ctx, dt, DType::kFloat32, chunk_logits, ldc, xr, dw_acc.data_ptr(), rows, c, vocab,
+                    /*accumulate=*/r0 > 0, bias.has_value() ? db_chunk : at::Tensor(), "dweight GEMM");
       if (bias.has_value())
         check_launch(add_f32(db_acc.data_ptr<float>(), db_chunk.data_ptr<float>(), vocab, stream), "add_f32");
     }

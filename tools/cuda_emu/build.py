@@ -49,9 +49,11 @@ FAMILIES = {
     "activation": (["activation/bias_act.cu"], "abi_activation.cpp"),
     "layernorm": (["layernorm/layer_norm.cu"], "abi_layernorm.cpp"),
     "cross_entropy": (["loss/cross_entropy.cu", "elementwise.cu"], "abi_cross_entropy.cpp"),
+    # the instantiation files tools/gen_instantiations.py writes from csrc/attention/attention_limits.h
     "attention": (["attention/flash_api.cu", "attention/flash_bwd_prep.cu", "attention/flash_decode.cu",
-                   *[f"attention/flash_{kind}_hdim{d}_{t}.cu" for kind in ("fwd", "bwd") for d in (64, 128)
-                     for t in ("bf16", "fp16")]], "abi_attention.cpp"),
+                   *sorted(str(p.relative_to(ROOT / "csrc")) for kind in ("fwd", "bwd")
+                           for p in (ROOT / "csrc" / "attention").glob(f"flash_{kind}_hdim*_*.cu"))],
+                  "abi_attention.cpp"),
     "selftest": (["_selftest/emu_selftest.cu"], None),
 }
 
