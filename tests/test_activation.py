@@ -36,6 +36,21 @@ def test_functional_cpu_matches_torch(act):
     torch.testing.assert_close(y, y_ref)
 
 
+@pytest.mark.skipif(not _backend.EXT_LOADED, reason="extension not built")
+def test_which_function_runs_on_a_gpu():
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert _backend.decide(True, act_ops._unsupported(x), mode="auto", ext_loaded=True) == "kernel"
+    assert _backend.decide(True, None, mode="auto", ext_loaded=False) == "torch"
+    assert act_ops.BIAS_ACT["torch"] is act_ops._bias_act_torch
+    assert _backend.decide(False, act_ops._unsupported(x), mode="auto", ext_loaded=True) == "reference"
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
+def test_torch_path_matches_reference(act):
+    x, b = torch.randn(5, 24), torch.randn(24)  # the reference computes in fp32
+    torch.testing.assert_close(act_ops.BIAS_ACT["torch"](x, b, act), act_ops.BIAS_ACT["reference"](x, b, act))
+
+
 def test_bad_input():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="bias: expected shape"):

@@ -182,14 +182,80 @@ def test_bad_input():
 @needs_ext
 def test_kernel_unsupported_reasons():
     q = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16)
-    assert A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, None, True) is None
-    assert A.kernel_unsupported_reason(q, 40, 3, 3, 0.125, None, True) is None  # padded to 64
-    assert "head_dim 256" in A.kernel_unsupported_reason(q, 256, 3, 3, 0.125, None, False)
-    assert "head_dim 36" in A.kernel_unsupported_reason(q, 36, 3, 3, 0.125, None, False)
-    assert "float32" in A.kernel_unsupported_reason(q.float(), 64, 3, 3, 0.125, None, False)
-    assert "scale" in A.kernel_unsupported_reason(q, 64, 3, 3, -1.0, None, False)
-    assert "kv_lens" in A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, torch.ones(1), True)
-    assert A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, torch.ones(1), False) is None
+    top = A.LIMITS["max_head_dim"]
+    assert A._unsupported(q, 64, 3, 3, 0.125, None, True) is None
+    assert A._unsupported(q, 40, 3, 3, 0.125, None, True) is None  # padded to 64
+    assert f"head_dim {2 * top}" in A._unsupported(q, 2 * top, 3, 3, 0.125, None, False)
+    assert "head_dim 36" in A._unsupported(q, 36, 3, 3, 0.125, None, False)
+    assert "float32" in A._unsupported(q.float(), 64, 3, 3, 0.125, None, False)
+    assert "scale" in A._unsupported(q, 64, 3, 3, -1.0, None, False)
+    assert "kv_lens" in A._unsupported(q, 64, 3, 3, 0.125, torch.ones(1), True)
+    assert A._unsupported(q, 64, 3, 3, 0.125, torch.ones(1), False) is None
+
+
+@needs_ext
+@pytest.mark.parametrize("case,expect", [
+    (dict(D=256), "torch"), (dict(D=36), "torch"), (dict(dtype=torch.float32), "torch"),
+    (dict(kv_lens=True, needs_grad=True), "torch"), (dict(), "kernel"), (dict(kv_lens=True), "kernel")])
+def test_which_function_runs_on_a_gpu(case, expect):
+    """The path a call would take on a GPU (decided without one), and the function that path runs."""
+    D, dt = case.get("D", 64), case.get("dtype", torch.bfloat16)
+    q = torch.randn(1, 2, 3, D, dtype=dt)
+    kv = torch.ones(1, dtype=torch.int32) if case.get("kv_lens") else None
+    why = A._unsupported(q, D, 3, 3, 1 / math.sqrt(D), kv, case.get("needs_grad", False))
+    path = _backend.decide(True, why, mode="auto", ext_loaded=True)
+    assert path == expect
+    assert A.FLASH_ATTENTION[path] is {"kernel": A._attention_kernel, "torch": A._attention_torch}[expect]
+    assert _backend.decide(False, why, mode="auto", ext_loaded=True) == "reference"
+    assert A.FLASH_ATTENTION["reference"] is A._attention_reference
+
+
+def test_instantiation_files_are_current():
+    """csrc/attention/flash_{fwd,bwd}_hdim*_*.cu are generated from the list in attention_limits.h."""
+    import subprocess
+    import sys
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, str(root / "tools" / "gen_instantiations.py"), "--check"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    if EXT:  # the extension's head dims are the list the files were generated from
+        sys.path.insert(0, str(root / "tools"))
+        try:
+            import gen_instantiations
+        finally:
+            sys.path.pop(0)
+        assert gen_instantiations.head_dims() == A.LIMITS["head_dims"]
+
+
+# ---- torch's fast path (what a GPU runs when the kernels do not take a call) -------------------
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("causal,sq,sk,kv", [
+    (False, 5, 7, None), (True, 6, 6, None), (True, 3, 9, None), (True, 9, 4, None), (True, 1, 8, None),
+    (False, 4, 9, [9, 3, 0]), (True, 4, 9, [9, 3, 0]), (True, 9, 4, [4, 2, 0]), (True, 1, 6, [6, 1, 0])])
+def test_torch_path_matches_reference(layout, causal, sq, sk, kv):
+    """attention_torch (SDPA + the chunked lse) gives the reference's out, lse and gradients (also
+    through lse), with GQA, bottom-right causal for every Sq/Sk, kv_lens, rows that see no key, and
+    garbage in the cache past kv_lens."""
+    B = 3 if kv else 2
+    q, k, v = rand_qkv(B, 4, 2, sq, sk, 8, dtype=torch.float64, layout=layout)
+    kv_lens = torch.tensor(kv, dtype=torch.int32) if kv else None
+    if kv:
+        kb, vb = A.to_bhsd(k, layout), A.to_bhsd(v, layout)
+        for b, n in enumerate(kv):
+            kb[b, :, n:], vb[b, :, n:] = 1e4, float("nan")
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    grads = []
+    for fn in (A.attention_torch, A.attention_ref):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out, lse = fn(qq, kk, vv, causal, 0.3, layout, kv_lens)
+        seen = lse > float("-inf")
+        ((out * dout).sum() + (lse.masked_fill(~seen, 0.0) * 0.7).sum()).backward()
+        grads.append((out.detach(), lse.detach(), qq.grad, kk.grad, vv.grad))
+        if fn is A.attention_torch:
+            assert out.is_contiguous() and out.shape == q.shape
+    for got, want in zip(*grads):
+        close(got, want)
 
 
 # ---- op registration (CPU: the ops' CPU implementation is the reference) ----------------------
@@ -420,8 +486,30 @@ def test_flash_attention_kernel_mode_and_fallback():
     with gptkernels.backend("kernel"), pytest.raises(ValueError, match="head_dim 256"):
         GF.flash_attention(q2, k2, v2)
     with pytest.warns(UserWarning, match="head_dim 256"):
-        out2, _ = GF.flash_attention(q2, k2, v2)
-    torch.testing.assert_close(out2, A.attention_ref(q2, k2, v2)[0])
+        out2, lse2 = GF.flash_attention(q2, k2, v2)  # torch's SDPA + the chunked lse
+    ref2, lse_r = A.attention_ref(q2, k2, v2, upcast=True)
+    assert_2x("out (torch path)", out2, ref2, A.attention_ref(q2, k2, v2, upcast=False)[0], torch.bfloat16)
+    torch.testing.assert_close(lse2, lse_r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal,sq,sk", [(True, 5, 40), (True, 40, 5), (False, 7, 33)])
+def test_torch_path_cuda_with_kv_lens_and_grad(causal, sq, sk):
+    """Gradients through kv_lens take torch's SDPA path on a GPU: same values and gradients as the
+    fp32 reference (within bf16 rounding)."""
+    q, k, v = rand_qkv(2, 4, 2, sq, sk, 64, torch.bfloat16, "cuda", requires_grad=True)
+    kv_lens = torch.tensor([sk, sk // 2], dtype=torch.int32, device="cuda")
+    out, lse = GF.flash_attention(q, k, v, causal=causal, kv_lens=kv_lens)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref, lse_r = A.attention_ref(qf, kf, vf, causal, None, "bhsd", kv_lens)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    seen = lse_r > float("-inf")
+    torch.testing.assert_close(lse[seen], lse_r[seen], atol=1e-3, rtol=1e-3)
+    dout = torch.randn_like(ref)
+    out.float().mul(dout).sum().backward()
+    ref.mul(dout).sum().backward()
+    for g, r in zip((q.grad, k.grad, v.grad), (qf.grad, kf.grad, vf.grad)):
+        torch.testing.assert_close(g.float(), r, atol=3e-2 * r.abs().max().item(), rtol=5e-2)
 
 
 @pytest.mark.cuda

@@ -68,7 +68,7 @@ def test_unsupported_call_on_gpu_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_backend, "EXT_LOADED", True)
     monkeypatch.setattr(_backend, "_warned", set())
     t = _FakeCudaTensor()
-    with pytest.warns(UserWarning, match="reference path .head_dim 96"):
+    with pytest.warns(UserWarning, match="PyTorch fallback .head_dim 96"):
         assert not _backend.use_kernel("flash_attention", [t], "head_dim 96 is not compiled")
     import warnings
     with warnings.catch_warnings():
@@ -87,6 +87,68 @@ def test_gpu_without_extension_falls_back(monkeypatch):
         assert not _backend.use_kernel("layer_norm", [_FakeCudaTensor()])
     with gptkernels.backend("kernel"), pytest.raises(RuntimeError, match="not built"):
         _backend.use_kernel("layer_norm", [_FakeCudaTensor()])
+
+
+def test_decide_is_the_three_path_rule():
+    d = _backend.decide
+    assert d(True, None, mode="auto", ext_loaded=True) == "kernel"
+    assert d(True, "head_dim 96", mode="auto", ext_loaded=True) == "torch"
+    assert d(True, None, mode="auto", ext_loaded=False) == "torch"   # a GPU without the extension
+    assert d(False, None, mode="auto", ext_loaded=True) == "reference"
+    assert d(True, None, mode="reference", ext_loaded=True) == "reference"
+    assert d(True, None, mode="kernel", ext_loaded=True) == "kernel"
+
+
+def test_path_on_a_gpu_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(_backend, "EXT_LOADED", True)
+    monkeypatch.setattr(_backend, "_warned", set())
+    t = _FakeCudaTensor()
+    with pytest.warns(UserWarning, match="PyTorch fallback"):
+        assert _backend.path("layer_norm", [t], "normalized size 20000") == "torch"
+    assert _backend.path("layer_norm", [torch.randn(2)], None) == "reference"
+    with gptkernels.backend("reference"):
+        assert _backend.path("layer_norm", [t], None) == "reference"
+
+
+def test_image_missing_follows_cuda_binary_compatibility():
+    m = _backend.image_missing
+    assert m((8, 0), "80;90a", None) is None
+    assert m((8, 6), "80;90a", None) is None          # sm_80 code runs on sm_86
+    assert m((9, 0), "80;90a", None) is None          # sm_90a on an H100/H200
+    assert "sm_100" in m((10, 0), "80;90a", None)     # no PTX: no code for a newer major version
+    assert m((10, 0), "80;90a", "90") is None         # PTX for compute_90 is JIT-compiled there
+    assert "sm_75" in m((7, 5), "80;90a", "90")       # PTX never runs on an older GPU
+    assert "sm_90" in m((9, 0), "80", None)
+
+
+@pytest.mark.skipif(not _backend.EXT_LOADED, reason="extension not built")
+def test_limits_come_from_the_extension():
+    """Every family's limits are exported once by the extension (csrc/<family>/<family>_limits.h)."""
+    from gptkernels import _limits
+    for fam in ("activation", "attention", "gemm", "layernorm", "loss", "mlp"):
+        assert _limits.dtypes(_limits.family(fam)), fam
+    att = _limits.family("attention")
+    assert att["max_head_dim"] == max(att["head_dims"]) and att["head_dim_multiple"] > 0
+    assert _limits.family("layernorm")["max_cols"] >= _limits.family("layernorm")["min_cols"] == 1
+    assert torch.bfloat16 in _limits.dtypes(att) and torch.float32 not in _limits.dtypes(att)
+
+
+@pytest.mark.skipif(not _backend.EXT_LOADED, reason="extension not built")
+def test_info_implementation_per_op():
+    """What each op would run, per GPU: the C++ select_impl for attention, the build's archs for all."""
+    impl = info_mod.implementation
+    build = {"archs": "80;90a", "ptx": "90"}
+    assert impl("attention fwd", capability=(9, 0), mode="auto", build=build) == "sm80 mma.sync kernel"
+    assert impl("attention decode", capability=(8, 0), mode="auto", build=build) == "sm80 split-KV decode kernel"
+    assert impl("attention bwd", capability=(10, 0), mode="auto", build=build) == "sm80 mma.sync kernel"
+    assert impl("attention fwd", capability=(7, 5), mode="auto", build=build).startswith("torch SDPA fallback")
+    assert impl("layer_norm / add_layer_norm", capability=(9, 0), mode="auto", build=build) == "CUDA kernel"
+    assert impl("layer_norm / add_layer_norm", capability=None, mode="auto", build=build) == \
+        "reference (no CUDA device)"
+    assert impl("cross_entropy", capability=(9, 0), mode="auto", ext_loaded=False, build=build).startswith(
+        "torch F.cross_entropy fallback")
+    assert impl("FusedMLP / fused_mlp", capability=(9, 0), mode="reference", build=build) == \
+        "reference (backend=reference)"
 
 
 def test_benchmark_harness_smoke(tmp_path):

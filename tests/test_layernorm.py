@@ -184,6 +184,39 @@ def test_functional_cpu_matches_torch():
     torch.testing.assert_close(GF.layer_norm(x, 5), F.layer_norm(x, (5,)))
 
 
+@needs_ext
+@pytest.mark.parametrize("cols,dtype,expect", [(768, torch.bfloat16, "kernel"), (1, torch.float32, "kernel"),
+                                               (None, torch.bfloat16, "torch"), (768, torch.float64, "torch")])
+def test_which_function_runs_on_a_gpu(cols, dtype, expect):
+    """Rows wider than the kernels take (or float64) run torch's F.layer_norm on a GPU; the CPU runs
+    the reference."""
+    cols = cols or ln_ops.LIMITS["max_cols"] + 8
+    x = torch.zeros(2, cols, dtype=dtype)
+    path = _backend.decide(True, ln_ops._unsupported(x, cols), mode="auto", ext_loaded=True)
+    assert path == expect
+    assert ln_ops.LAYER_NORM["torch"] is F.layer_norm
+    assert _backend.decide(False, ln_ops._unsupported(x, cols), mode="auto", ext_loaded=True) == "reference"
+
+
+def test_torch_path_matches_reference():
+    """What runs off the kernel (F.layer_norm) agrees with the math reference, also in gradients
+    (the reference's written-out backward)."""
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 5, 24, dtype=torch.float64)
+    s, y = ln_ops.ADD_LAYER_NORM["torch"](r, x, w, b, 1e-5)
+    s_r, y_r, mean, rstd = ln_ops.add_layer_norm_fwd_ref(r, x.detach(), w.detach(), b.detach(), 1e-5)
+    torch.testing.assert_close(s, s_r)
+    torch.testing.assert_close(y, y_r)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx, dw, db = ln_ops.layer_norm_bwd_ref(dy, s_r, w.detach(), mean, rstd)
+    for got, want in ((x.grad, dx), (w.grad, dw), (b.grad, db)):
+        torch.testing.assert_close(got, want)
+    assert ln_ops.LAYER_NORM["torch"] is F.layer_norm
+
+
 def test_add_layer_norm_mixed_dtypes_promote():
     r = torch.randn(3, 8)  # fp32 residual stream, bf16 branch output (autocast)
     x = torch.randn(3, 8, dtype=torch.bfloat16)

@@ -27,6 +27,24 @@ def torch_ce(logits, t, reduction, ignore_index=-100):
     return F.cross_entropy(logits.float(), t, ignore_index=ignore_index, reduction=reduction)
 
 
+@needs_ext
+def test_which_function_runs_on_a_gpu():
+    logits = torch.zeros(4, 10, dtype=torch.bfloat16)
+    assert _backend.decide(True, ce_ops._unsupported("cross_entropy", logits, 10), mode="auto",
+                           ext_loaded=True) == "kernel"
+    assert "float64" in ce_ops._unsupported("cross_entropy", logits.double(), 10)
+    assert ce_ops.CROSS_ENTROPY["torch"] is ce_ops._cross_entropy_torch
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    lin = ce_ops._unsupported
+    assert lin("linear_cross_entropy", x, 100, 16, "mean") is None
+    assert "reduction='none'" in lin("linear_cross_entropy", x, 100, 16, "none")
+    assert "multiple of 8" in lin("linear_cross_entropy", x, 100, 12, "mean")
+    assert "float32" in lin("linear_cross_entropy", x.float(), 100, 16, "mean")
+    assert _backend.decide(True, lin("linear_cross_entropy", x, 100, 12, "mean"), mode="auto",
+                           ext_loaded=True) == "torch"
+    assert ce_ops.LINEAR_CROSS_ENTROPY["torch"] is ce_ops._linear_cross_entropy_unfused
+
+
 def check_loss_and_grad(loss_fn, logits, t, reduction, upstream, atol=1e-5, rtol=1e-5, ignore_index=-100):
     """loss_fn(logits) vs torch's fp32 cross-entropy: value and logits gradient for `upstream`."""
     a = logits.detach().clone().requires_grad_()

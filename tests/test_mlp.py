@@ -154,6 +154,18 @@ def test_bad_input():
         GF.linear_act(x, torch.randn(8, 15))
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype,feats,expect", [(torch.bfloat16, (16, 64, 16), "kernel"),
+                                                (torch.bfloat16, (12, 64, 12), "torch"),
+                                                (torch.float32, (16, 64, 16), "torch")])
+def test_which_function_runs_on_a_gpu(dtype, feats, expect):
+    x = torch.zeros(4, feats[0], dtype=dtype)
+    path = _backend.decide(True, mlp_ops._unsupported(True, x, feats), mode="auto", ext_loaded=True)
+    assert path == expect
+    assert mlp_ops.FUSED_MLP["torch"] is mlp_ops._fused_mlp_torch
+    assert mlp_ops.LINEAR_ACT["torch"] is mlp_ops.linear_act_ref
+
+
 def test_unsupported_reasons():
     bf = torch.randn(2, 16, dtype=torch.bfloat16)
     assert mlp_ops._unsupported(True, bf, (16, 64, 16)) is None
@@ -361,3 +373,33 @@ def test_small_shapes_for_sanitize(act):
             GF.fused_mlp(x, w1, b1, w2, b2, act).float().sum().backward()
             GF.linear_act(x, w1, b1, act).float().sum().backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(w1.grad).all()
+
+
+@pytest.mark.cuda
+def test_cublaslt_epilogue_fallback_cuda():
+    """GPTKERNELS_LT_FALLBACK=1 runs every fused cuBLASLt epilogue through its fallback (plain GEMM, then
+    bias add, column sums or the bias_act kernels): the CUDA accuracy tests of the FFN, linear_act and
+    the linear cross-entropy pass on that path too, and each epilogue is named in one warning."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, GPTKERNELS_LT_FALLBACK="1")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        os.path.join(tests, "test_mlp.py"), os.path.join(tests, "test_loss.py"),
+                        "-k", "kernel_matches_reference and not 1000x and not 2048"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    code = ("import warnings, torch\nfrom gptkernels.nn import functional as GF\n"
+            "x = torch.randn(8, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+            "w1, w2 = (torch.randn(s, device='cuda', dtype=torch.bfloat16) for s in ((256, 64), (64, 256)))\n"
+            "b1, b2 = torch.zeros(256, device='cuda', dtype=torch.bfloat16), torch.zeros(64, device='cuda', "
+            "dtype=torch.bfloat16)\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    GF.fused_mlp(x, w1, b1, w2, b2, 'gelu_tanh').sum().backward()\n"
+            "print('|'.join(str(m.message) for m in w))\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for epi in ("GELU_AUX_BIAS", "BIAS", "BGRADB", "DGELU_BGRAD"):
+        assert f"epilogue {epi};" in p.stdout, p.stdout

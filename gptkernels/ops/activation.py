@@ -1,7 +1,8 @@
 """bias + activation: y = act(x + bias), act in {GELU (tanh approximation), GELU (erf), ReLU}.
 
-Kernel: csrc/activation/bias_act.cu (torch.ops.gptkernels.bias_act_fwd / bias_act_bwd).
-Reference: the same math in PyTorch, in fp32, cast back to x's dtype.
+Paths (gptkernels._backend): the kernel, csrc/activation/bias_act.cu (torch.ops.gptkernels.bias_act_fwd
+/ bias_act_bwd; any shape, the dtypes of csrc/activation/activation_limits.h); on a GPU otherwise torch's
+F.gelu / F.relu of x + bias; the reference, the same math in fp32 cast back to x's dtype.
 The backward recomputes u = x + bias from the saved input, so only x is kept for backward.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gptkernels import _backend
+from gptkernels import _backend, _limits
 from gptkernels._checks import check_same_device, check_tensor, param_like
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu = exact (erf) GELU, as torch's approximate="none"
@@ -49,7 +50,7 @@ def bias_act_bwd_ref(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, acti
 
 
 # ---- torch.library registration (schemas come from the C++ extension) ---------------------
-if _backend.EXT_LOADED:
+if _backend.has_kernel("bias_act_fwd"):
     torch.library.register_fake("gptkernels::bias_act_fwd")(lambda x, bias, activation: torch.empty_like(x))
     torch.library.register_fake("gptkernels::bias_act_bwd")(
         lambda dy, x, bias, activation: (torch.empty_like(x), torch.empty_like(bias)))
@@ -70,6 +71,32 @@ if _backend.EXT_LOADED:
     torch.library.register_autograd("gptkernels::bias_act_fwd", _backward, setup_context=_setup)
 
 
+# ---- dispatch ---------------------------------------------------------------------------------
+LIMITS = _limits.family("activation")
+_HAVE = _backend.has_kernel("bias_act_fwd")
+
+
+def _unsupported(x) -> str | None:
+    """None when the kernel takes this call, else why not."""
+    if not _HAVE:
+        return "not in this build of the extension"
+    if x.dtype not in _limits.dtypes(LIMITS):
+        return f"dtype {str(x.dtype)[6:]}"
+    return None
+
+
+def _bias_act_kernel(x, bias, activation):
+    return torch.ops.gptkernels.bias_act_fwd(x.contiguous(), bias.contiguous(), activation)
+
+
+def _bias_act_torch(x, bias, activation):
+    return act_ref(x + bias, activation)
+
+
+# What each path (gptkernels._backend) runs.
+BIAS_ACT = {"kernel": _bias_act_kernel, "torch": _bias_act_torch, "reference": bias_act_fwd_ref}
+
+
 def bias_act(x: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_tanh") -> torch.Tensor:
     """y = act(x + bias) over the last dimension of x; differentiable in x and bias."""
     check_tensor("x", x, min_ndim=1)
@@ -79,6 +106,4 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_tanh")
     if bias.shape[0] != x.shape[-1]:
         raise ValueError(f"bias: expected shape ({x.shape[-1]},) to match x's last dimension, got {tuple(bias.shape)}")
     bias = param_like("bias", bias, x)
-    if _backend.use_kernel("bias_act", (x, bias)):
-        return torch.ops.gptkernels.bias_act_fwd(x.contiguous(), bias.contiguous(), activation)
-    return act_ref(x + bias, activation)
+    return BIAS_ACT[_backend.path("bias_act", (x, bias), _unsupported(x))](x, bias, activation)

@@ -10,16 +10,18 @@ query i sees keys j <= i + (Sk - Sq). So a decoding step (Sq = 1) sees the whole
 to different lengths); the causal alignment then uses kv_lens[b] in place of Sk. A query row that
 sees no key (possible only when Sq > Sk under causal) outputs zeros with lse = -inf.
 
-Kernels (csrc/attention/, torch.ops.gptkernels.*):
-- flash_attn_fwd: FlashAttention-2 style forward on tensor cores (mma.sync, sm_80 and sm_90),
-  returns (out, lse); any Sq / Sk / batch / heads, GQA, both layouts by strides, kv_lens.
-- flash_attn_bwd: backward from the saved lse (dq, dk, dv; dk/dv summed over the query heads that
-  share a K/V head). Not deterministic by default (fp32 atomics into dq); `deterministic=True` (or
-  torch.use_deterministic_algorithms(True)) accumulates dq in a fixed order instead.
-- flash_attn_decode: split-KV forward for small Sq (decoding over a KV cache), then a combine.
-Kernel head dims: multiples of 8 up to 128 (64 and 128 natively; others zero-padded to them).
-Other head dims, float32 inputs, and gradients through kv_lens fall back to the reference (with a
-one-time warning on a GPU). The CPU implementation of every op is the reference below.
+Paths (gptkernels._backend):
+- kernel (csrc/attention/, torch.ops.gptkernels.*): flash_attn_fwd, a FlashAttention-2 style forward
+  on tensor cores (mma.sync, sm_80 and sm_90), returning (out, lse); flash_attn_bwd, the backward from
+  the saved lse (dk/dv summed over the query heads sharing a K/V head; not deterministic by default:
+  fp32 atomics into dq; `deterministic=True` or torch.use_deterministic_algorithms(True) accumulates
+  dq in a fixed order); flash_attn_decode, the split-KV forward for few query rows over a KV cache.
+  Head dims, dtypes and length limits: LIMITS, from csrc/attention/attention_limits.h. The
+  implementation is chosen per GPU in C++ (select_impl; `gptkernels info` prints it).
+- torch (a GPU call the kernels do not take: other head dims, float32, gradients through kv_lens,
+  no extension): attention_torch, torch's SDPA (flash / cuDNN / memory-efficient backends) with the
+  bottom-right causal mask and kv_lens expressed exactly, plus the lse computed chunk by chunk.
+- reference (CPU): attention_ref, the math written out; also every op's CPU implementation.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ import math
 
 import torch
 
-from gptkernels import _backend
-from gptkernels._checks import HALF_DTYPES, FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+import torch.nn.functional as F
+
+from gptkernels import _backend, _limits
+from gptkernels._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 LAYOUTS = ("bhsd", "bshd")
 
@@ -37,12 +41,13 @@ def to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t if layout == "bhsd" else t.transpose(1, 2)
 
 
-def attention_mask(sq: int, sk: int, causal: bool, kv_lens, batch: int, device) -> torch.Tensor | None:
-    """Boolean [B or 1, 1, Sq, Sk] mask of allowed (query, key) pairs, or None when all are allowed."""
+def attention_mask(sq: int, sk: int, causal: bool, kv_lens, batch: int, device, rows: range | None = None):
+    """Boolean [B or 1, 1, Sq, Sk] mask of allowed (query, key) pairs, or None when all are allowed.
+    rows: only these query rows (then [B or 1, 1, len(rows), Sk])."""
     if not causal and kv_lens is None:
         return None
     j = torch.arange(sk, device=device)
-    i = torch.arange(sq, device=device)
+    i = torch.arange(sq, device=device) if rows is None else torch.arange(rows.start, rows.stop, device=device)
     lens = (kv_lens.to(device=device, dtype=torch.long) if kv_lens is not None
             else torch.full((1,), sk, device=device, dtype=torch.long))
     allowed = j[None, None, :] < lens[:, None, None]  # [B, 1, Sk]
@@ -143,18 +148,96 @@ def attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal: bool, scale: float,
     return back(dq, q), back(dkx, k), back(dvx, v)
 
 
-# ---- kernels: torch.library registration (schemas come from the C++ extension) ----------------
-def _has_kernel(op: str) -> bool:
-    return _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, op) and _backend.has_kernel(op)
+# ---- torch's fast path (a GPU call the kernels do not take) -------------------------------------
+
+def _lse_chunks(q, k, scale: float, causal: bool, kv_lens):
+    """(rows, fp32 scores [B, Hq, len(rows), Sk] masked with -inf) for chunks of query rows, small
+    enough (about 64 MiB each) that the [Sq, Sk] scores never exist at once. q: [B, Hq, Sq, D],
+    k: [B, Hkv, Sk, D]; query head h reads K/V head h // (Hq // Hkv) without a copy of K."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    kf = k.float().transpose(-1, -2)  # [B, Hkv, D, Sk]
+    step = max(1, min(Sq, (1 << 24) // max(1, B * Hq * Sk)))
+    for i0 in range(0, Sq, step):
+        rows = range(i0, min(Sq, i0 + step))
+        qc = q[:, :, i0:rows.stop].float().reshape(B, Hkv, g * len(rows), D)
+        s = torch.matmul(qc, kf).reshape(B, Hq, len(rows), Sk) * scale
+        mask = attention_mask(Sq, Sk, causal, kv_lens, B, q.device, rows)
+        yield rows, (s if mask is None else s.masked_fill(~mask, float("-inf")))
 
 
-_HAVE_FWD = _has_kernel("flash_attn_fwd")
-_HAVE_BWD = _has_kernel("flash_attn_bwd")
-_HAVE_DECODE = _has_kernel("flash_attn_decode")
-KERNEL_MAX_HEAD_DIM = 128
-# The split-KV decode kernel runs a forward (without autograd) when Sq * (Hq // Hkv) is at most this.
-DECODE_MAX_ROWS = 16
+class _AttentionLse(torch.autograd.Function):
+    """lse = log-sum-exp over the visible keys of q k^T * scale (fp32), chunk by chunk of query rows
+    (torch's SDPA returns out but not lse). The backward recomputes each chunk's probabilities:
+    d lse_i / d s_ij = p_ij, so dq = scale * (p * dlse) k and dk = scale * (p * dlse)^T q."""
 
+    @staticmethod
+    def forward(ctx, q, k, scale, causal, kv_lens):
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        for rows, s in _lse_chunks(q, k, scale, causal, kv_lens):
+            lse[:, :, rows.start:rows.stop] = torch.logsumexp(s, dim=-1)
+        ctx.save_for_backward(q, k, lse, kv_lens)
+        ctx.scale, ctx.causal = scale, causal
+        return lse
+
+    @staticmethod
+    def backward(ctx, dlse):
+        q, k, lse, kv_lens = ctx.saved_tensors
+        B, Hq, Sq, D = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        g = Hq // Hkv
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        kf = k.float()
+        for rows, s in _lse_chunks(q, k, ctx.scale, ctx.causal, kv_lens):
+            r = slice(rows.start, rows.stop)
+            lse_c = lse[:, :, r, None]
+            p = torch.exp(s - lse_c.masked_fill(lse_c == float("-inf"), float("inf")))  # 0 where no key is seen
+            w = (p * dlse[:, :, r, None].float()).reshape(B, Hkv, g * len(rows), Sk)
+            dq[:, :, r] = torch.matmul(w, kf).reshape(B, Hq, len(rows), D) * ctx.scale
+            qc = q[:, :, r].float().reshape(B, Hkv, g * len(rows), D)
+            dk += torch.matmul(w.transpose(-1, -2), qc) * ctx.scale
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
+
+
+def attention_torch(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None):
+    """(out, lse) as attention_ref computes them, from torch's fused SDPA (flash / cuDNN /
+    memory-efficient backends on a GPU), with our semantics expressed exactly: causal bottom-right
+    as is_causal (Sq == Sk), torch's lower-right causal bias (Sq < Sk), or the last Sk rows as a
+    square causal call with zeros above (Sq > Sk); kv_lens as an explicit mask, with the keys past it
+    zeroed first (a cache past its fill may hold NaN) and rows that see no key set to zero. lse comes
+    from _AttentionLse (the scores once more, chunk by chunk). out is contiguous in `layout`."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
+    B, Hq, Sq, D = qb.shape
+    Hkv, Sk = kb.shape[1], kb.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kw = dict(scale=scale, enable_gqa=Hq != Hkv)
+    if kv_lens is not None:
+        kept = (torch.arange(Sk, device=q.device)[None, :] < kv_lens.to(q.device).long()[:, None])[:, None, :, None]
+        kb, vb = torch.where(kept, kb, 0), torch.where(kept, vb, 0)
+    if Sk == 0 or qb.numel() == 0:
+        out = qb.new_zeros(qb.shape)
+    elif kv_lens is not None:
+        mask = attention_mask(Sq, Sk, causal, kv_lens, B, q.device)
+        seen = mask.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask | ~seen, **kw).masked_fill(~seen, 0.0)
+    elif not causal or Sq == 1:  # a single query row sees every key under bottom-right causal
+        out = F.scaled_dot_product_attention(qb, kb, vb, **kw)
+    elif Sq == Sk:
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, **kw)
+    elif Sq < Sk:
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal_lower_right(Sq, Sk), **kw)
+    else:  # the first Sq - Sk rows see no key
+        tail = F.scaled_dot_product_attention(qb[:, :, Sq - Sk:], kb, vb, is_causal=True, **kw)
+        out = torch.cat([tail.new_zeros(B, Hq, Sq - Sk, D), tail], dim=2)
+    lse = _AttentionLse.apply(qb, kb, scale, causal, kv_lens)
+    return (out if layout == "bhsd" else out.transpose(1, 2)).contiguous(), lse
+
+
+# ---- registration: fake, CPU implementation (the reference), autograd; schemas come from C++ ------
 
 def _out_like(q):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -170,7 +253,7 @@ def _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens):
     return out.contiguous(), lse.contiguous()
 
 
-if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
+if _backend.has_kernel("flash_attn_fwd"):
     def _fwd_fake(q, k, v, causal, scale, layout, kv_lens, deterministic):
         return _out_like(q), _lse_like(q, layout)
 
@@ -180,7 +263,7 @@ if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
     torch.library.register_fake("gptkernels::flash_attn_fwd")(_fwd_fake)
     torch.library.impl("gptkernels::flash_attn_fwd", "CPU")(_fwd_cpu)
 
-    if hasattr(torch.ops.gptkernels, "flash_attn_bwd"):
+    if _backend.has_kernel("flash_attn_bwd"):
         def _bwd_fake(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic):
             return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
                     torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -192,7 +275,7 @@ if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
         torch.library.register_fake("gptkernels::flash_attn_bwd")(_bwd_fake)
         torch.library.impl("gptkernels::flash_attn_bwd", "CPU")(_bwd_cpu)
 
-    if hasattr(torch.ops.gptkernels, "flash_attn_decode"):
+    if _backend.has_kernel("flash_attn_decode"):
         def _decode_fake(q, k, v, causal, scale, layout, kv_lens):
             return _out_like(q), _lse_like(q, layout)
 
@@ -209,11 +292,11 @@ if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
     def _backward(ctx, dout, dlse):
         if ctx.has_kv_lens:
             raise NotImplementedError("gptkernels.flash_attention: gradients with kv_lens are not supported "
-                                      "(flash_attention takes the reference path when they are needed)")
+                                      "(flash_attention takes the PyTorch paths when they are needed)")
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        if not hasattr(torch.ops.gptkernels, "flash_attn_bwd") or (q.is_cuda and not _HAVE_BWD):
+        if not _HAVE_BWD:
             dq, dk, dv = attention_bwd_ref(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.layout)
         else:
             dq, dk, dv = torch.ops.gptkernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale,
@@ -223,21 +306,50 @@ if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
     torch.library.register_autograd("gptkernels::flash_attn_fwd", _backward, setup_context=_setup)
 
 
-def kernel_unsupported_reason(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool):
-    """None when the attention kernels handle this call, else a short reason they do not."""
+# ---- dispatch ---------------------------------------------------------------------------------
+LIMITS = _limits.family("attention")
+_HAVE_FWD = _backend.has_kernel("flash_attn_fwd")
+_HAVE_BWD = _backend.has_kernel("flash_attn_bwd")
+_HAVE_DECODE = _backend.has_kernel("flash_attn_decode")
+
+
+def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool) -> str | None:
+    """None when the attention kernels take this call, else a short reason they do not."""
     if not _HAVE_FWD:
         return "not in this build of the extension"
-    if q.dtype not in HALF_DTYPES:
-        return f"dtype {str(q.dtype).replace('torch.', '')} (the kernels take float16 and bfloat16)"
-    if head_dim % 8 != 0 or head_dim > KERNEL_MAX_HEAD_DIM:
-        return f"head_dim {head_dim} (the kernels take multiples of 8 up to {KERNEL_MAX_HEAD_DIM})"
+    if q.dtype not in _limits.dtypes(LIMITS):
+        return f"dtype {str(q.dtype)[6:]} (the kernels take {', '.join(LIMITS['dtypes'])})"
+    m, top = LIMITS["head_dim_multiple"], LIMITS["max_head_dim"]
+    if head_dim <= 0 or head_dim % m or head_dim > top:
+        return f"head_dim {head_dim} (the kernels take multiples of {m} up to {top})"
     if not (scale > 0 and math.isfinite(scale)):
         return f"scale {scale} (the kernels need a positive finite scale)"
-    if sq >= 2**30 or sk >= 2**30:
-        return "sequence length >= 2^30"
+    if max(sq, sk) > LIMITS["max_seq_len"]:
+        return f"sequence length {max(sq, sk)} (the kernels take at most {LIMITS['max_seq_len']})"
     if needs_grad and kv_lens is not None:
         return "gradients with kv_lens"
     return None
+
+
+def _attention_kernel(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
+    hq, hkv, sq = (q.shape[1], k.shape[1], q.shape[2]) if layout == "bhsd" else (q.shape[2], k.shape[2], q.shape[1])
+    kl = None if kv_lens is None else kv_lens.to(torch.int32)
+    if not needs_grad and _HAVE_DECODE and sq * (hq // hkv) <= LIMITS["decode_max_rows"]:
+        return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl)
+    return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic))
+
+
+def _attention_torch(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
+    return attention_torch(q, k, v, causal, scale, layout, kv_lens)
+
+
+def _attention_reference(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
+    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
+    return out.contiguous(), lse
+
+
+# What each path (gptkernels._backend) runs.
+FLASH_ATTENTION = {"kernel": _attention_kernel, "torch": _attention_torch, "reference": _attention_reference}
 
 
 def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None,
@@ -251,14 +363,9 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, l
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    reason = kernel_unsupported_reason(q, D, Sq, Sk, scale, kv_lens, needs_grad)
-    if _backend.use_kernel("flash_attention", (q, k, v, kv_lens), unsupported=reason):
-        kl = None if kv_lens is None else kv_lens.to(torch.int32)
-        if not needs_grad and _HAVE_DECODE and Sq * (Hq // Hkv) <= DECODE_MAX_ROWS:
-            return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl)
-        return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic))
-    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
-    return out.contiguous(), lse
+    why = _unsupported(q, D, Sq, Sk, scale, kv_lens, needs_grad)
+    fn = FLASH_ATTENTION[_backend.path("flash_attention", (q, k, v, kv_lens), why)]
+    return fn(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad)
 
 
 def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -285,7 +392,7 @@ def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     D = query.shape[-1]
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    return kernel_unsupported_reason(query, D, query.shape[-2], key.shape[-2], s, None, needs_grad)
+    return _unsupported(query, D, query.shape[-2], key.shape[-2], s, None, needs_grad)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
@@ -294,8 +401,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     arguments and semantics (is_causal is top-left aligned, as torch's). Calls the kernel covers
     run flash_attention; the rest (an explicit attn_mask, dropout, causal with Sq != Sk, fp32, head
     dims the kernels lack, non-4-D inputs) run torch's own SDPA."""
-    import torch.nn.functional as F
-
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     tensors = [t for t in (query, key, value) if isinstance(t, torch.Tensor)]
     if reason is None and _backend.use_kernel("scaled_dot_product_attention", tensors, unsupported=None):

@@ -3,10 +3,12 @@
   y = (x - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var + eps)   (biased variance)
   add_layer_norm: s = residual + x; y = LayerNorm(s); returns (s, y). The residual stream needs s.
 
-Kernel: csrc/layernorm/layer_norm.cu (torch.ops.gptkernels.layer_norm_fwd / add_layer_norm_fwd /
-layer_norm_bwd). Rows of 1 to MAX_COLS elements; wider rows run the reference.
-References compute in fp32 and return the input's dtype; the forward also returns the per-row
-mean and rstd (fp32, x's leading shape) that the backward uses.
+Paths (gptkernels._backend): the kernel, csrc/layernorm/layer_norm.cu (torch.ops.gptkernels.layer_norm_fwd
+/ add_layer_norm_fwd / layer_norm_bwd; rows of LIMITS["min_cols"] to LIMITS["max_cols"] elements, from
+csrc/layernorm/layernorm_limits.h); otherwise, on a GPU and on the CPU alike, torch's F.layer_norm
+(the math reference below, several times slower on a CPU, is the ops' CPU implementation and the
+tests' oracle). References compute in fp32 and return the input's dtype; the forward also returns
+the per-row mean and rstd (fp32, x's leading shape) that the backward uses.
 
 Dtypes: x, residual, weight and bias share one dtype (fp32, fp16 or bf16); statistics and
 accumulation are fp32. Under autocast, fp32 parameters are cast to x's dtype (_checks.param_like),
@@ -21,11 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gptkernels import _backend
+from gptkernels import _backend, _limits
 from gptkernels._checks import check_same_device, check_tensor, param_like
-
-MAX_COLS = 16384  # kLayerNormMaxCols in csrc/layernorm/layer_norm.h
-_HAVE = _backend.has_kernel("layer_norm_fwd")
 
 
 def _normalized_shape(normalized_shape) -> tuple:
@@ -85,7 +84,7 @@ def _layer_norm_bwd_op_ref(dy, x, weight, mean, rstd, has_bias: bool, ds=None):
 
 
 # ---- torch.library registration (schemas come from the C++ extension) ---------------------
-if _backend.EXT_LOADED:
+if _backend.has_kernel("layer_norm_fwd"):
     def _stats_like(x):
         return x.new_empty(x.shape[:-1], dtype=torch.float32), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -141,13 +140,19 @@ if _backend.EXT_LOADED:
     torch.library.register_autograd("gptkernels::add_layer_norm_fwd", _add_ln_backward, setup_context=_add_ln_setup)
 
 
-# ---- public functions ---------------------------------------------------------------------
+# ---- dispatch ---------------------------------------------------------------------------------
+LIMITS = _limits.family("layernorm")
+_HAVE = _backend.has_kernel("layer_norm_fwd")
 
-def _unsupported(cols: int) -> str | None:
+
+def _unsupported(x, cols: int) -> str | None:
+    """None when the kernels take rows of `cols` elements of x's dtype, else why not."""
     if not _HAVE:
         return "not in this build of the extension"
-    if not 1 <= cols <= MAX_COLS:
-        return f"normalized size {cols} is outside the kernel's range [1, {MAX_COLS}]"
+    if x.dtype not in _limits.dtypes(LIMITS):
+        return f"dtype {str(x.dtype)[6:]}"
+    if not LIMITS["min_cols"] <= cols <= LIMITS["max_cols"]:
+        return f"normalized size {cols} is outside the kernel's range [{LIMITS['min_cols']}, {LIMITS['max_cols']}]"
     return None
 
 
@@ -170,16 +175,45 @@ def _flat(p, cols):
     return p.reshape(cols).contiguous() if p is not None else None
 
 
+def _rows(x, shape):
+    """x viewed as rows of the normalized size."""
+    cols = math.prod(shape)
+    return x.reshape(*x.shape[:x.dim() - len(shape)], cols), cols
+
+
+def _layer_norm_kernel(x, shape, weight, bias, eps):
+    x2, cols = _rows(x, shape)
+    y, _, _ = torch.ops.gptkernels.layer_norm_fwd(x2.contiguous(), _flat(weight, cols), _flat(bias, cols), float(eps))
+    return y.view(x.shape)
+
+
+def _add_layer_norm_kernel(residual, x, weight, bias, eps):
+    s, y, _, _ = torch.ops.gptkernels.add_layer_norm_fwd(residual.contiguous(), x.contiguous(), _c(weight), _c(bias),
+                                                          float(eps))
+    return s, y
+
+
+def _add_layer_norm_torch(residual, x, weight, bias, eps):
+    s = residual + x
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def _c(t):
+    return t.contiguous() if t is not None else None
+
+
+# What each path (gptkernels._backend) runs: torch's F.layer_norm off the kernel, on any device.
+LAYER_NORM = {"kernel": _layer_norm_kernel, "torch": F.layer_norm, "reference": F.layer_norm}
+ADD_LAYER_NORM = {"kernel": _add_layer_norm_kernel, "torch": _add_layer_norm_torch,
+                  "reference": _add_layer_norm_torch}
+
+
 def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     """Same signature and result as torch.nn.functional.layer_norm (a multi-dimensional
     normalized_shape normalises the trailing dimensions together, as one row)."""
     shape, weight, bias = _check_ln(x, normalized_shape, weight, bias)
-    cols = math.prod(shape)
-    if _backend.use_kernel("layer_norm", (x, weight, bias), unsupported=_unsupported(cols)):
-        x2 = x.reshape(*x.shape[:x.dim() - len(shape)], cols).contiguous()
-        y, _, _ = torch.ops.gptkernels.layer_norm_fwd(x2, _flat(weight, cols), _flat(bias, cols), float(eps))
-        return y.view(x.shape)
-    return F.layer_norm(x, shape, weight, bias, eps)
+    fn = LAYER_NORM[_backend.path("layer_norm", (x, weight, bias), _unsupported(x, math.prod(shape)))]
+    return fn(x, shape, weight, bias, eps)
 
 
 def add_layer_norm(residual: torch.Tensor, x: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
@@ -194,10 +228,6 @@ def add_layer_norm(residual: torch.Tensor, x: torch.Tensor, weight=None, bias=No
         dtype = torch.promote_types(residual.dtype, x.dtype)
         residual, x = residual.to(dtype), x.to(dtype)
     _, weight, bias = _check_ln(residual, (residual.shape[-1],), weight, bias, "residual")
-    cols = residual.shape[-1]
-    if _backend.use_kernel("add_layer_norm", (residual, x, weight, bias), unsupported=_unsupported(cols)):
-        s, y, _, _ = torch.ops.gptkernels.add_layer_norm_fwd(residual.contiguous(), x.contiguous(),
-                                                              _flat(weight, cols), _flat(bias, cols), float(eps))
-        return s, y
-    s = residual + x
-    return s, F.layer_norm(s, (cols,), weight, bias, eps)
+    fn = ADD_LAYER_NORM[_backend.path("add_layer_norm", (residual, x, weight, bias),
+                                      _unsupported(x, residual.shape[-1]))]
+    return fn(residual, x, weight, bias, eps)

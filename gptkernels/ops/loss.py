@@ -23,6 +23,10 @@ skipped (bad targets still give a NaN loss). Set with set_target_check() or GPTK
 linear_cross_entropy(x, weight, target, ...) fuses the LM head: the kernel path computes the logits
 chunk by chunk (cuBLASLt), overwrites each chunk with its gradient in place, and accumulates dx and
 dW, so the [N, V] logits never exist (csrc/loss/cross_entropy_binding.cpp).
+
+Paths (gptkernels._backend): the kernels (limits in csrc/loss/loss_limits.h); otherwise, on a GPU and
+on the CPU alike, torch's F.cross_entropy on fp32 logits, which is also the reference (and, for
+linear_cross_entropy, F.linear followed by cross_entropy, whose own kernel may still run).
 """
 from __future__ import annotations
 
@@ -32,9 +36,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from gptkernels import _backend
-from gptkernels._checks import check_same_device, check_tensor, param_like
-from gptkernels.ops.mlp import autocast_inputs  # same casting rule as F.linear under autocast
+from gptkernels import _backend, _limits
+from gptkernels._checks import autocast_inputs, check_same_device, check_tensor, param_like
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_CHECKS = ("sync", "deferred", "off")
@@ -192,7 +195,7 @@ def _eager(t) -> bool:
     return type(t) is torch.Tensor
 
 
-if _backend.EXT_LOADED:
+if _backend.has_kernel("cross_entropy_fwd"):
     @torch.library.register_fake("gptkernels::cross_entropy_fwd")
     def _(logits, target, ignore_index, reduction, compute_grad):
         n, vocab = logits.shape
@@ -278,28 +281,62 @@ if _backend.EXT_LOADED:
 
     torch.library.register_autograd("gptkernels::linear_cross_entropy_fwd", _lce_backward, setup_context=_lce_setup)
 
+# ---- dispatch ---------------------------------------------------------------------------------
+LIMITS = _limits.family("loss")
 _HAVE = _backend.has_kernel("cross_entropy_fwd")
 _HAVE_LINEAR = _backend.has_kernel("linear_cross_entropy_fwd")
+
+
+def _unsupported(op: str, x, vocab: int, features: int | None = None, reduction: str = "mean") -> str | None:
+    """None when the kernel of `op` ("cross_entropy" or "linear_cross_entropy") takes this call, else
+    why not. x: the logits (cross_entropy) or the features (linear_cross_entropy)."""
+    dt = str(x.dtype)[6:]
+    if op == "cross_entropy":
+        if not _HAVE:
+            return "not in this build of the extension"
+        if x.dtype not in _limits.dtypes(LIMITS):
+            return f"dtype {dt}"
+    else:
+        lin = LIMITS.get("linear", {})
+        if not _HAVE_LINEAR:
+            return "not in this build of the extension"
+        if reduction == "none":
+            return "reduction='none' is not fused (the chunked backward needs a scalar loss)"
+        if x.dtype not in _limits.dtypes(lin):
+            return f"{dt} inputs take the unfused path; the fused path is {', '.join(lin['dtypes'])}"
+        if features <= 0 or features % lin["feature_multiple"]:
+            return f"features {features} must be a positive multiple of {lin['feature_multiple']}"
+    if not 0 < vocab <= LIMITS["max_vocab"]:
+        return f"vocab size {vocab} is outside [1, {LIMITS['max_vocab']}]"
+    return None
+
+
+def _cross_entropy_kernel(logits, target, ignore_index, reduction):
+    vocab = logits.shape[1]
+    lg = logits if (logits.stride(-1) == 1 and logits.stride(0) >= vocab) else logits.contiguous()
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _grad, status = torch.ops.gptkernels.cross_entropy_fwd(lg, target.contiguous(), int(ignore_index),
+                                                                 reduction, compute_grad)
+    _check_status(status, target, vocab, ignore_index)
+    return loss
+
+
+def _cross_entropy_torch(logits, target, ignore_index, reduction):
+    if not torch.compiler.is_compiling():  # a data-dependent check: skipped when traced (torch's own
+        check_target_range(target, logits.shape[1], ignore_index)  # cross_entropy still rejects bad targets on CPU)
+    return cross_entropy_ref(logits, target.long(), ignore_index, reduction)
+
+
+# What each path (gptkernels._backend) runs: torch's F.cross_entropy (fp32) is also the reference.
+CROSS_ENTROPY = {"kernel": _cross_entropy_kernel, "torch": _cross_entropy_torch, "reference": _cross_entropy_torch}
 
 
 def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean"):
     """Same arguments and result as torch.nn.functional.cross_entropy for (N, V) logits and (N,)
     class targets; the loss is fp32."""
     check_cross_entropy(logits, target, reduction)
-    vocab = logits.shape[1]
-    why = None if _HAVE else "not in this build of the extension"
-    if why is None and not 0 < vocab < 2**31:
-        why = f"vocab size {vocab} is outside [1, 2^31)"
-    if _backend.use_kernel("cross_entropy", (logits, target), unsupported=why):
-        lg = logits if (logits.stride(-1) == 1 and logits.stride(0) >= vocab) else logits.contiguous()
-        compute_grad = torch.is_grad_enabled() and logits.requires_grad
-        loss, _grad, status = torch.ops.gptkernels.cross_entropy_fwd(lg, target.contiguous(), int(ignore_index),
-                                                                     reduction, compute_grad)
-        _check_status(status, target, vocab, ignore_index)
-        return loss
-    if not torch.compiler.is_compiling():  # a data-dependent check: skipped when traced (torch's own
-        check_target_range(target, vocab, ignore_index)  # cross_entropy still rejects bad targets on CPU)
-    return cross_entropy_ref(logits, target.long(), ignore_index, reduction)
+    why = _unsupported("cross_entropy", logits, logits.shape[1])
+    return CROSS_ENTROPY[_backend.path("cross_entropy", (logits, target), why)](logits, target, ignore_index, reduction)
 
 
 def default_chunk_size(n: int, vocab: int, elt: int = 2) -> int:
@@ -341,25 +378,27 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
     x, weight, bias = autocast_inputs(x, weight, bias)
     x2, t2 = x.reshape(-1, x.shape[-1]), target.reshape(-1)
     vocab, feats = weight.shape
-    why = None
-    if not _HAVE_LINEAR:
-        why = "not in this build of the extension"
-    elif reduction == "none":
-        why = "reduction='none' is not fused (the chunked backward needs a scalar loss)"
-    elif x.dtype not in (torch.float16, torch.bfloat16):
-        why = f"{str(x.dtype)[6:]} inputs take the unfused path; the fused path is float16/bfloat16"
-    elif feats % 8 or feats == 0:
-        why = f"features {feats} must be a positive multiple of 8"
-    elif not 0 < vocab < 2**31:
-        why = f"vocab size {vocab} is outside [1, 2^31)"
-    if _backend.use_kernel("linear_cross_entropy", (x, weight, bias, target), unsupported=why):
-        n = x2.shape[0]
-        chunk = chunk_size or default_chunk_size(n, vocab, x.element_size())
-        compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        loss, *_rest, status = torch.ops.gptkernels.linear_cross_entropy_fwd(
-            x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), t2.contiguous(),
-            int(ignore_index), reduction, int(chunk), compute_grad)
-        _check_status(status, t2, vocab, ignore_index)
-        return loss
-    loss = cross_entropy(F.linear(x2, weight, bias), t2, ignore_index, reduction)
+    why = _unsupported("linear_cross_entropy", x, vocab, feats, reduction)
+    fn = LINEAR_CROSS_ENTROPY[_backend.path("linear_cross_entropy", (x, weight, bias, target), why)]
+    loss = fn(x2, weight, bias, t2, ignore_index, reduction, chunk_size)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _linear_cross_entropy_kernel(x2, weight, bias, t2, ignore_index, reduction, chunk_size):
+    vocab = weight.shape[0]
+    chunk = chunk_size or default_chunk_size(x2.shape[0], vocab, x2.element_size())
+    compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias))
+    loss, *_rest, status = torch.ops.gptkernels.linear_cross_entropy_fwd(
+        x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), t2.contiguous(),
+        int(ignore_index), reduction, int(chunk), compute_grad)
+    _check_status(status, t2, vocab, ignore_index)
+    return loss
+
+
+def _linear_cross_entropy_unfused(x2, weight, bias, t2, ignore_index, reduction, chunk_size):
+    return cross_entropy(F.linear(x2, weight, bias), t2, ignore_index, reduction)
+
+
+# What each path runs: off the kernel, F.linear then cross_entropy (whose own kernel may still run).
+LINEAR_CROSS_ENTROPY = {"kernel": _linear_cross_entropy_kernel, "torch": _linear_cross_entropy_unfused,
+                        "reference": _linear_cross_entropy_unfused}

@@ -11,9 +11,12 @@ the backward applies GELU'/ReLU' of layer 1 in the epilogue of layer 2's input-g
 GEMM gives its bias gradient (BGRADB). A standalone linear_act cannot do that (its backward needs the
 derivative before its own GEMMs), so it applies the derivative with the bias_act kernel.
 
-Kernel path: CUDA, float16/bfloat16 (fp32 accumulate), feature sizes that are multiples of 8, any
-number of tokens. Everything else (float32 included: it runs torch's F.linear, with TF32 if the user
-enabled it) takes the reference: torch's F.linear followed by the activation.
+Paths (gptkernels._backend): the kernel path takes CUDA tensors of the dtypes and feature sizes of
+csrc/mlp/mlp_limits.h (float16/bfloat16 with fp32 accumulate, features a multiple of 8; any number of
+tokens); everything else (float32 included: torch's F.linear, with TF32 if the user enabled it), on a
+GPU and on the CPU alike, runs torch's F.linear followed by the activation, which is also the
+reference. When cuBLASLt has no algorithm for a fused epilogue, the kernel path itself falls back to
+a plain GEMM plus the bias/activation kernels, with a one-time warning (csrc/mlp/mlp_binding.cpp).
 Autocast: like F.linear, under torch.autocast the input and parameters are cast to the autocast dtype.
 """
 from __future__ import annotations
@@ -21,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gptkernels import _backend
-from gptkernels._checks import check_same_device, check_tensor, param_like
+from gptkernels import _backend, _limits
+from gptkernels._checks import autocast_inputs, check_same_device, check_tensor, param_like
 from gptkernels.ops.activation import act_grad_ref, act_ref, bias_act_fwd_ref
 
 LINEAR_ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "none")
@@ -51,30 +54,8 @@ def check_linear(x, weight, bias, activation: str, x_name: str = "x", prefix: st
     return param_like(prefix + "weight", weight, x, x_name), param_like(prefix + "bias", bias, x, x_name)
 
 
-def autocast_inputs(x, *params):
-    """Under torch.autocast, cast the input and parameters to the autocast dtype, as F.linear does
-    (custom ops are not autocast by torch). Outside autocast, return them unchanged."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return (x.to(dt),) + tuple(None if p is None else p.to(dt) for p in params)
-    return (x,) + params
-
-
 def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
-def _unsupported(have: bool, x, features) -> str | None:
-    if not have:
-        return "not in this build of the extension"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"{str(x.dtype)[6:]} inputs take the reference (F.linear); the cuBLASLt path is float16/bfloat16"
-    bad = [f for f in features if f % 8 or f == 0]
-    if bad:
-        return f"feature sizes {tuple(features)} must be positive multiples of 8 on the cuBLASLt path"
-    return None
 
 
 # ---- CPU / reference implementations of the ops (same outputs as the CUDA kernels) ----------
@@ -166,7 +147,7 @@ def _check_saved(saved: bool, op: str) -> None:
 
 
 # ---- torch.library registration (schemas come from the C++ extension) ---------------------
-if _backend.EXT_LOADED:
+if _backend.has_kernel("mlp_fwd"):
     @torch.library.register_fake("gptkernels::linear_act_fwd")
     def _(x, weight, bias, activation, save_for_backward):
         n, out = x.shape[0], weight.shape[0]
@@ -237,8 +218,23 @@ if _backend.EXT_LOADED:
 
     torch.library.register_autograd("gptkernels::mlp_fwd", _mlp_backward, setup_context=_mlp_setup)
 
+# ---- dispatch ---------------------------------------------------------------------------------
+LIMITS = _limits.family("mlp")
 _HAVE_LINEAR = _backend.has_kernel("linear_act_fwd")
 _HAVE_MLP = _backend.has_kernel("mlp_fwd")
+
+
+def _unsupported(have: bool, x, features) -> str | None:
+    """None when the cuBLASLt path takes x (after autocast) and these feature sizes, else why not."""
+    if not have:
+        return "not in this build of the extension"
+    if x.dtype not in _limits.dtypes(LIMITS):
+        return (f"{str(x.dtype)[6:]} inputs take the reference (F.linear); the cuBLASLt path is "
+                f"{', '.join(LIMITS['dtypes'])}")
+    m = LIMITS["feature_multiple"]
+    if any(f % m or f == 0 for f in features):
+        return f"feature sizes {tuple(features)} must be positive multiples of {m} on the cuBLASLt path"
+    return None
 
 
 def _flat(t):
@@ -249,16 +245,34 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _linear_act_kernel(x, weight, bias, activation):
+    y, _aux = torch.ops.gptkernels.linear_act_fwd(_flat(x), weight.contiguous(), _c(bias), activation,
+                                                   _needs_grad(x, weight, bias))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fused_mlp_kernel(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
+    y, _pre, _h = torch.ops.gptkernels.mlp_fwd(_flat(x), fc_weight.contiguous(), _c(fc_bias),
+                                                proj_weight.contiguous(), _c(proj_bias), activation,
+                                                _needs_grad(x, fc_weight, fc_bias, proj_weight, proj_bias))
+    return y.reshape(*x.shape[:-1], proj_weight.shape[0])
+
+
+def _fused_mlp_torch(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
+    return linear_act_ref(linear_act_ref(x, fc_weight, fc_bias, activation), proj_weight, proj_bias, "none")
+
+
+# What each path (gptkernels._backend) runs: F.linear + activation is both torch's path and the reference.
+LINEAR_ACT = {"kernel": _linear_act_kernel, "torch": linear_act_ref, "reference": linear_act_ref}
+FUSED_MLP = {"kernel": _fused_mlp_kernel, "torch": _fused_mlp_torch, "reference": _fused_mlp_torch}
+
+
 def linear_act(x, weight, bias=None, activation: str = "none"):
     """act(x @ weight^T + bias); differentiable in x, weight and bias."""
     weight, bias = check_linear(x, weight, bias, activation)
     x, weight, bias = autocast_inputs(x, weight, bias)
     why = _unsupported(_HAVE_LINEAR, x, (x.shape[-1], weight.shape[0]))
-    if _backend.use_kernel("linear_act", (x, weight, bias), unsupported=why):
-        y, _aux = torch.ops.gptkernels.linear_act_fwd(_flat(x), weight.contiguous(), _c(bias), activation,
-                                                       _needs_grad(x, weight, bias))
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    return linear_act_ref(x, weight, bias, activation)
+    return LINEAR_ACT[_backend.path("linear_act", (x, weight, bias), why)](x, weight, bias, activation)
 
 
 def fused_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation: str = "gelu_tanh"):
@@ -282,10 +296,4 @@ def fused_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation: str = "
     x, fc_weight, fc_bias, proj_weight, proj_bias = autocast_inputs(x, fc_weight, fc_bias, proj_weight, proj_bias)
     params = (fc_weight, fc_bias, proj_weight, proj_bias)
     why = _unsupported(_HAVE_MLP, x, (x.shape[-1], fc_weight.shape[0], proj_weight.shape[0]))
-    if _backend.use_kernel("mlp", (x,) + params, unsupported=why):
-        y, _pre, _h = torch.ops.gptkernels.mlp_fwd(_flat(x), fc_weight.contiguous(), _c(fc_bias),
-                                                    proj_weight.contiguous(), _c(proj_bias), activation,
-                                                    _needs_grad(x, *params))
-        return y.reshape(*x.shape[:-1], proj_weight.shape[0])
-    h = linear_act_ref(x, fc_weight, fc_bias, activation)
-    return linear_act_ref(h, proj_weight, proj_bias, "none")
+    return FUSED_MLP[_backend.path("fused_mlp", (x,) + params, why)](x, *params, activation)
