@@ -38,7 +38,7 @@ bench: setup
 	$(PY) -m benchmarks.run --quick
 
 ptxas:
-	$(PYTHON) tools/ptxas_report.py
+	$(PYTHON) tools/ptxas_report.py --archs "$${GPTKERNELS_CUDA_ARCHS:-80;90a}"
 
 clean:
 	rm -rf build *.egg-info gptkernels/_C*.so

@@ -3,6 +3,12 @@
 The extension is built when nvcc and a CUDA-enabled torch are both present. Otherwise the
 pure-Python package installs (every op then runs its PyTorch reference) and we say so.
 
+Per-arch source sets: files under a folder named sm90/ (csrc/**/sm90/*.cu: wgmma, TMA) compile for
+sm_90a only, and only when 90a is in the arch list (every file then sees -DGPTK_HAVE_SM90=1); every
+other file compiles for every arch in the list, plus PTX for the newest one (compute_90 for
+"80;90a"), so that a newer GPU JIT-compiles it instead of failing with "no kernel image".
+CMakeLists.txt and tools/ptxas_report.py follow the same rule (arch_sets below).
+
 Environment:
   GPTKERNELS_CUDA_ARCHS   "80;90a" style list (default: the visible GPU, else "80;90a")
   GPTKERNELS_NO_EXT=1     skip the extension
@@ -79,6 +85,19 @@ def cuda_archs():
     return ["80", "90a"]
 
 
+def arch_sets(sources, archs):
+    """(general sources, sm90 sources, general nvcc -gencode flags, sm90 flags, PTX arch).
+    sm90 sources are those under a folder named sm90; they are built only when 90a is in `archs`."""
+    sm90 = [s for s in sources if "sm90" in os.path.normpath(s).split(os.sep)[:-1]]
+    general = [s for s in sources if s not in sm90]
+    ptx = str(max(int(a.rstrip("a")) for a in archs))
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
+    if "90a" not in archs:
+        return general, [], gencode, [], ptx
+    return general, sm90, gencode, ["-gencode=arch=compute_90a,code=sm_90a"], ptx
+
+
 def nvcc_lib_dirs():
     """Directories with cuBLASLt (torch's CUDA wheels ship it in nvidia/cu*/lib or nvidia/cublas/lib)."""
     import importlib.util
@@ -109,10 +128,8 @@ def extension_modules():
     from torch.utils.cpp_extension import CUDAExtension
 
     archs = cuda_archs()
-    gencode = []
-    for a in archs:
-        gencode.append(f"-gencode=arch=compute_{a},code=sm_{a}")
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    sources, sm90_sources, gencode, sm90_flags, ptx = arch_sets(sources, archs)
     lib_dirs, inc_dirs = nvcc_lib_dirs()
     cublaslt = []
     for d in lib_dirs:
@@ -125,7 +142,8 @@ def extension_modules():
         lib_dirs.append(os.path.join(cuda_home, "lib64"))
     if not cublaslt:
         return [], "cuBLASLt was not found (neither in torch's nvidia wheels nor in CUDA_HOME)"
-    defines = [f'-DGPTK_CUDA_ARCHS="{";".join(archs)}"', f'-DGPTK_CUDA_VERSION="{torch.version.cuda}"']
+    defines = [f'-DGPTK_CUDA_ARCHS="{";".join(archs)}"', f'-DGPTK_CUDA_PTX="{ptx}"',
+               f'-DGPTK_CUDA_VERSION="{torch.version.cuda}"'] + (["-DGPTK_HAVE_SM90=1"] if "90a" in archs else [])
     ext = CUDAExtension(
         name="gptkernels._C",
         sources=sources,
@@ -139,16 +157,54 @@ def extension_modules():
         extra_link_args=cublaslt,
         py_limited_api=False,
     )
-    say(f"building the CUDA extension gptkernels._C for sm_{', sm_'.join(archs)} "
-        f"(CUDA_HOME={cuda_home}, {len(sources)} sources, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})")
+    # Built by BuildWithArchSets (torch's build gives every .cu file the same -gencode flags).
+    ext.gptk_sm90 = {"sources": sm90_sources, "flags": sm90_flags + defines, "nvcc": os.path.join(cuda_home, "bin", "nvcc")}
+    say(f"building the CUDA extension gptkernels._C for sm_{', sm_'.join(archs)} + PTX compute_{ptx} "
+        f"(CUDA_HOME={cuda_home}, {len(sources)} sources + {len(sm90_sources)} for sm_90a only, "
+        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})")
     return [ext], None
+
+
+def sm90_build_ext(base):
+    """torch's BuildExtension, plus the sm90 source set compiled for sm_90a only (arch_sets) into
+    objects linked into the extension."""
+
+    class BuildWithArchSets(base):
+        def build_extensions(self):
+            for ext in self.extensions:
+                cfg = getattr(ext, "gptk_sm90", None)
+                if cfg and cfg["sources"]:
+                    ext.extra_objects = list(ext.extra_objects or []) + self._compile_sm90(cfg)
+            super().build_extensions()
+
+        def _compile_sm90(self, cfg):
+            from concurrent.futures import ThreadPoolExecutor
+            from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+            headers = [p for ext in ("h", "cuh") for p in glob.glob(f"csrc/**/*.{ext}", recursive=True)]
+            newest_header = max((os.path.getmtime(h) for h in headers), default=0)
+            jobs = []
+            for src in cfg["sources"]:
+                obj = os.path.join(self.build_temp, "sm90", os.path.splitext(src)[0] + ".o")
+                if not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header):
+                    os.makedirs(os.path.dirname(obj), exist_ok=True)
+                    jobs.append([cfg["nvcc"], "-c", src, "-o", obj, "-std=c++17", "-O3", "-lineinfo",
+                                 "-Xptxas=-warn-spills", "-Xcompiler", "-fPIC", f"-I{os.path.join(ROOT, 'csrc')}",
+                                 *COMMON_NVCC_FLAGS, *cfg["flags"]])
+            say(f"compiling {len(jobs)} of {len(cfg['sources'])} sm90 sources for sm_90a")
+            with ThreadPoolExecutor(int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)) as ex:
+                for cmd, p in zip(jobs, ex.map(lambda c: subprocess.run(c, capture_output=True, text=True), jobs)):
+                    if p.returncode != 0:
+                        raise SystemExit(f"[gptkernels setup] {' '.join(cmd)}\n{p.stdout}{p.stderr}")
+            return [os.path.join(self.build_temp, "sm90", os.path.splitext(src)[0] + ".o") for src in cfg["sources"]]
+
+    return BuildWithArchSets
 
 
 ext_modules, why_not = extension_modules()
 cmdclass = {}
 if ext_modules:
     from torch.utils.cpp_extension import BuildExtension
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    cmdclass["build_ext"] = sm90_build_ext(BuildExtension).with_options(use_ninja=True)
 else:
     if os.environ.get("GPTKERNELS_REQUIRE_EXT") == "1":
         raise SystemExit(f"[gptkernels setup] GPTKERNELS_REQUIRE_EXT=1 but the CUDA extension cannot be built: {why_not}")

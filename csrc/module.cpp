@@ -19,13 +19,16 @@
 #ifndef GPTK_CUDA_ARCHS
 #define GPTK_CUDA_ARCHS "unknown"
 #endif
+#ifndef GPTK_CUDA_PTX
+#define GPTK_CUDA_PTX "none"
+#endif
 #ifndef GPTK_CUDA_VERSION
 #define GPTK_CUDA_VERSION "unknown"
 #endif
 
 namespace {
 std::string build_info() {
-  return std::string("archs=") + GPTK_CUDA_ARCHS + " cuda=" + GPTK_CUDA_VERSION;
+  return std::string("archs=") + GPTK_CUDA_ARCHS + " ptx=" + GPTK_CUDA_PTX + " cuda=" + GPTK_CUDA_VERSION;
 }
 
 // Every family's limits (csrc/<family>/<family>_limits.h) as one JSON object, for gptkernels/_limits.py.

@@ -51,7 +51,10 @@ def implementation(name: str, *, capability: tuple[int, int] | None, mode: str |
         return f"{torch_path} ({missing})"
     if attn_op is None:
         return "CUDA kernel"
-    desc = torch.ops.gptkernels.attention_impl(attn_op, capability[0] * 10 + capability[1])
+    try:
+        desc = torch.ops.gptkernels.attention_impl(attn_op, capability[0] * 10 + capability[1])
+    except RuntimeError as e:  # e.g. GPTKERNELS_ATTENTION_IMPL names no implementation
+        return f"error: {str(e).splitlines()[0]}"
     return f"{desc}" if desc else f"{torch_path} (no attention kernel for sm_{capability[0]}{capability[1]})"
 
 
@@ -79,7 +82,7 @@ def info(file=None) -> dict:
         f"GPU: {gpu + ' (sm_' + d['capability'].replace('.', '') + ')' if gpu else 'none visible'}",
     ]
     if d["extension_built"]:
-        ptx = f" + PTX compute_{d['extension_ptx']}" if d["extension_ptx"] else ""
+        ptx = f" + PTX compute_{d['extension_ptx']}" if (d["extension_ptx"] or "none") != "none" else ""
         lines.append(f"extension gptkernels._C: built for sm_{d['extension_archs'].replace(';', ', sm_')}{ptx} "
                      f"with CUDA {d['extension_cuda']}")
     else:

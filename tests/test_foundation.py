@@ -151,6 +151,19 @@ def test_info_implementation_per_op():
         "reference (backend=reference)"
 
 
+@pytest.mark.skipif(not _backend.EXT_LOADED, reason="extension not built")
+def test_attention_impl_env_override(monkeypatch):
+    """GPTKERNELS_ATTENTION_IMPL names an implementation (select_impl in csrc/attention/flash_api.cu);
+    an unknown name is a clear error listing the known ones, shown by info instead of a traceback."""
+    build = {"archs": "80;90a", "ptx": "90"}
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm80")
+    assert torch.ops.gptkernels.attention_impl("fwd", 90) == "sm80 mma.sync kernel"
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm99")
+    with pytest.raises(RuntimeError, match="expected one of auto, sm80"):
+        torch.ops.gptkernels.attention_impl("fwd", 90)
+    assert info_mod.implementation("attention fwd", capability=(9, 0), mode="auto", build=build).startswith("error:")
+
+
 def test_benchmark_harness_smoke(tmp_path):
     """The harness runs a case end to end on the CPU and writes JSON, CSV and a chart."""
     import json

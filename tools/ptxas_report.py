@@ -4,6 +4,8 @@ kernel and architecture. No GPU and no torch needed: run it before spending devi
 
   python tools/ptxas_report.py                       # every csrc/**/*.cu, archs 80;90a
   python tools/ptxas_report.py --archs 90a csrc/attention/*.cu
+Files under a folder named sm90/ are compiled for 90a only (skipped when 90a is not in --archs), the
+rest for every arch: the per-arch source sets of setup.py and CMakeLists.txt.
 Exit status 1 when any kernel spills (so a script can gate on it).
 """
 import argparse
@@ -26,9 +28,10 @@ def demangle(names):
         return names
 
 
-def compile_one(nvcc, src, arch):
+def compile_one(nvcc, src, arch, defines=()):
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{os.path.join(ROOT, 'csrc')}",
+               *defines,
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-c", src, "-o",
                os.path.join(tmp, "k.o")]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -56,6 +59,13 @@ def compile_one(nvcc, src, arch):
     return src, arch, rows, None
 
 
+def archs_for(src, archs):
+    """The archs a source compiles for (setup.py's arch_sets): sm90/ files for 90a only."""
+    if "sm90" in os.path.normpath(src).split(os.sep)[:-1]:
+        return ["90a"] if "90a" in archs else []
+    return archs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", nargs="*")
@@ -65,9 +75,10 @@ def main():
     args = ap.parse_args()
     sources = args.sources or sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
     archs = [a for a in re.split(r"[;, ]+", args.archs) if a]
-    jobs = [(s, a) for s in sources for a in archs]
+    defines = ["-DGPTK_HAVE_SM90=1"] if "90a" in archs else []  # as setup.py
+    jobs = [(s, a) for s in sources for a in archs_for(s, archs)]
     with ThreadPoolExecutor(args.jobs) as ex:
-        results = list(ex.map(lambda sa: compile_one(args.nvcc, *sa), jobs))
+        results = list(ex.map(lambda sa: compile_one(args.nvcc, *sa, defines), jobs))
     failed, spills = False, False
     print(f"{'file':<34} {'arch':<5} {'regs':>4} {'spill':>9} {'smem':>6} {'stack':>5}  kernel")
     for src, arch, rows, err in results:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 import torch.nn.functional as F
 
 from gptkernels import _backend, _limits
