@@ -218,7 +218,7 @@ def run_provider(provider: str, model_name: str, init_state: dict, flops_per_tok
     if provider.startswith("gptkernels"):
         row["gptkernels_backend"] = gptkernels.get_backend()
         row["kernels_available"] = gptkernels.kernels_available()
-        fb = sorted({str(w.message) for w in caught if "reference path" in str(w.message)})
+        fb = sorted({str(w.message) for w in caught if "PyTorch fallback" in str(w.message)})
         if fb:
             row["fallbacks"] = fb
     del fwd, model, opt

@@ -556,12 +556,13 @@ def test_bad_input_cuda():
         GF.add_layer_norm(x, torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="weight has dtype"):  # the binding double-checks
         torch.ops.gptkernels.layer_norm_fwd(x, torch.randn(8, device="cuda", dtype=torch.float16), None, 1e-5)
-    with pytest.raises(RuntimeError, match="last dimension"):
-        torch.ops.gptkernels.layer_norm_fwd(torch.randn(2, 16385, device="cuda"), None, None, 1e-5)
+    wide = ln_ops.LIMITS["max_cols"] + 1
+    with pytest.raises(RuntimeError, match=f"normalized size {wide} is outside"):  # layernorm_limits.h
+        torch.ops.gptkernels.layer_norm_fwd(torch.randn(2, wide, device="cuda"), None, None, 1e-5)
 
 
 @pytest.mark.cuda
-def test_wide_rows_fall_back_to_reference():
+def test_wide_rows_fall_back_to_torch():
     x = torch.randn(3, 20000, device="cuda")
     with pytest.warns(UserWarning, match="outside the kernel's range"):
         y = GF.layer_norm(x, (20000,))

@@ -342,13 +342,13 @@ def test_compile_fullgraph_cuda():
 
 @pytest.mark.cuda
 def test_unsupported_shapes_and_fp32_fall_back_cuda():
-    """Feature sizes that are not multiples of 8, and float32, take the reference in auto mode and raise
+    """Feature sizes that are not multiples of 8, and float32, take torch's path in auto mode and raise
     a clear error in kernel mode."""
     _backend._warned.clear()  # the fallback warning is once per process and reason
     for c, dtype in [(12, torch.bfloat16), (64, torch.float32)]:
         w1, b1, w2, b2 = make_params(c, 4 * c, c, dtype, "cuda")
         x = torch.randn(5, c, device="cuda", dtype=dtype)
-        with pytest.warns(UserWarning, match="reference path"):
+        with pytest.warns(UserWarning, match="PyTorch fallback"):
             y = GF.fused_mlp(x, w1, b1, w2, b2, "gelu")
         torch.testing.assert_close(y, torch_mlp(x, w1, b1, w2, b2, "gelu"))
         with gptkernels.backend("kernel"), pytest.raises(ValueError, match="does not support"):
