@@ -5,7 +5,7 @@
 // What it is
 // - Included (with -include) instead of the CUDA toolkit when a kernel file, rewritten by
 //   translate.py (launch syntax, __shared__ declarations, inline PTX, kernel entry hooks), is
-//   compiled as C++20. tools/cuda_emu/include/ holds cuda_runtime.h / cuda_fp16.h / cuda_bf16.h
+//   compiled as C++20. tests/emulator/include/ holds cuda_runtime.h / cuda_fp16.h / cuda_bf16.h
 //   shims that only include this header: the CUDA toolkit is never used.
 // - Execution (cuda_emu.cpp): a launch runs its blocks one after another; the threads of a block
 //   are cooperative fibers on the calling OS thread, run in a deterministic schedule (sweeps in

@@ -1,6 +1,6 @@
 """translate.py: rewrite a plain-CUDA source file into C++ that g++ compiles against the CPU
-emulator (tools/cuda_emu/cuda_emu.h). The kernel files themselves are never edited: the build
-(tools/cuda_emu/build.py) translates a mirror of csrc/ into build/emu/src/ and compiles that.
+emulator (tests/emulator/cuda_emu.h). The kernel files themselves are never edited: the build
+(tests/emulator/build.py) translates a mirror of csrc/ into build/emu/src/ and compiles that.
 
 Rewrites (comments and string literals are left alone; every rewrite keeps the line count, and a
 `#line` directive keeps compiler messages and __FILE__ pointing at the original file):
@@ -14,7 +14,7 @@ Rewrites (comments and string literals are left alone; every rewrite keeps the l
   their emulations (cuda_emu.h, namespace gptk_emu::ptx); anything else becomes a call that faults
   at run time ("inline PTX that the emulator does not implement") and is listed in the report.
 
-Usage: python tools/cuda_emu/translate.py SRC.cu OUT.cpp
+Usage: python tests/emulator/translate.py SRC.cu OUT.cpp
 """
 from __future__ import annotations
 
