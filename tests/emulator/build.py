@@ -2,7 +2,7 @@
 
 Steps: translate every csrc/**/*.{cu,cuh,h} into build/emu/src/ (translate.py), compile the family's
 kernel files, its test-only C ABI (tests/emulator/abi_<family>.cpp) and the emulator runtime
-(cuda_emu.cpp) with g++ -std=c++20 under AddressSanitizer + UBSan, link
+(cuda_emu.cpp, cuda_emu_sm90.cpp) with g++ -std=c++20 under AddressSanitizer + UBSan, link
 build/emu/lib/libgptk_emu_<family>-<hash>.so. Objects and libraries are cached by a hash of
 everything that goes into them (sources, translated headers, emulator, flags, compiler), so a
 second build is instant and an edited kernel rebuilds only its object.
@@ -73,6 +73,10 @@ def family_files(family: str, reports: dict) -> list[str]:
             return []
     return out
 
+
+# The emulator runtime (cuda_emu.cpp: fibers, scheduler, barriers, warp collectives, runtime API;
+# cuda_emu_sm90.cpp: wgmma, mbarrier, TMA, named barriers, setmaxnreg, elect, stmatrix).
+RUNTIME_SOURCES = [HERE / "cuda_emu.cpp", HERE / "cuda_emu_sm90.cpp"]
 
 SANITIZE = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 # Kernel files compile at -O0 (4-5x faster to build than -O1 under the sanitizers, and the cases are
@@ -224,13 +228,16 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
 
     # compile jobs: (object path, source path, is .cu)
     jobs_list = {}
-    rt_src = HERE / "cuda_emu.cpp"
-    rt_obj = obj_dir / f"cuda_emu-{_hash(common, rt_src.read_text())}.o"
-    jobs_list[rt_obj] = (rt_src, False, RUNTIME_OPT)
+    internal = (HERE / "cuda_emu_internal.h").read_text()
+    rt_objs = []
+    for rt_src in RUNTIME_SOURCES:
+        rt_obj = obj_dir / f"{rt_src.stem}-{_hash(common, internal, rt_src.read_text())}.o"
+        jobs_list[rt_obj] = (rt_src, False, RUNTIME_OPT)
+        rt_objs.append(rt_obj)
     fam_objs = {}
     for f in present:
         abi = FAMILIES[f][1]
-        objs = [rt_obj]
+        objs = list(rt_objs)
         for k in files[f]:
             src = src_dir / k
             o = obj_dir / f"{Path(k).stem}-{_hash(common, k, src.read_text())}.o"

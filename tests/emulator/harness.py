@@ -72,6 +72,8 @@ class Case:
     #                               block barrier: exposes a missing __syncthreads between warps)
     block_order: int = 0
     max_blocks_per_sm: int = 0    # occupancy the emulated cudaOccupancy* reports at most (0: threads/smem only)
+    wgmma_at_issue: bool = False  # sm_90: wgmma math at issue instead of at the wgmma.wait_group that completes it
+    tma_at_issue: bool = False    # sm_90: TMA copies at issue instead of when a waiter could observe them
     expect: str = "pass"          # "pass", "fault:<regex>" (emulator fault), "crash:<regex>" (sanitizer abort)
 
 
@@ -205,6 +207,7 @@ def worker_main(case_file: str, libs: dict, ids: list[str]) -> int:
         bind(lib, "gptk_emu_log", ctypes.c_char_p)
         bind(lib, "gptk_emu_configure", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
              ctypes.c_uint, ctypes.c_int)
+        bind(lib, "gptk_emu_configure_async", ctypes.c_int, ctypes.c_int, ctypes.c_int)
         handles[fam] = lib
     for cid in ids:
         case = cases[cid]
@@ -214,6 +217,7 @@ def worker_main(case_file: str, libs: dict, ids: list[str]) -> int:
         lib = handles[case.family]
         lib.gptk_emu_reset()
         lib.gptk_emu_configure(case.sms, case.max_blocks_per_sm, case.thread_order, case.block_order, 1234, 0xff)
+        lib.gptk_emu_configure_async(int(case.wgmma_at_issue), int(case.tma_at_issue))
         torch.manual_seed(0)
         status, msg = "pass", ""
         try:
