@@ -15,6 +15,10 @@
 //   their masks (a lane named in the mask that has exited or does not exist, a lane outside its own
 //   mask, mismatched collectives and deadlocks are reported as kernel faults); ldmatrix, mma.sync
 //   m16n8k16 and cp.async (deferred until cp.async.wait_group) are emulated per warp / per thread.
+// - sm_90 (cuda_emu_sm90.cpp): wgmma (warpgroup collectives; math deferred to wait_group), TMA against
+//   tensor maps from an emulated cuTensorMapEncodeTiled, mbarrier (a failed try_wait yields until the
+//   barrier changes), fence.proxy.async (an async-proxy view of shared memory), named barriers,
+//   setmaxnreg, elect.sync, stmatrix; layouts from CUTLASS/CuTe, misuse reported as kernel faults.
 // - Memory: global memory is host memory (tensors' data pointers; cudaMalloc is malloc). Each
 //   __shared__ variable and the dynamic shared memory are separate heap allocations per block,
 //   filled with a poison byte (0xff: NaN / -1), so out-of-bounds shared accesses hit ASan redzones

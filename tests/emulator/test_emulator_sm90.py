@@ -103,6 +103,7 @@ def _cases():
         Case("sm90-wgmma-ss-fp16-n256-sw128-transb-at-issue", S, "run_gemm", dict(variant=1, span=128, split=1),
              wgmma_at_issue=True, tma_at_issue=True),
         Case("sm90-wgmma-generic-operands-with-fence", S, "run_generic_operands", dict(with_fence=1)),
+        Case("sm90-wgmma-immediate-scale-d", S, "run_generic_operands", dict(with_fence=2)),
         Case("sm90-tma-2d-bf16-sw128", S, "run_tma_copy",
              dict(dtype="bf16", swizzle=3, dims=[64, 40], box=[64, 16], cin=[0, 8], cout=[0, 20])),
         Case("sm90-tma-2d-fp16-sw64-oob-zero-and-clipped-store", S, "run_tma_copy",
@@ -118,6 +119,7 @@ def _cases():
         Case("sm90-tma-store-generic-with-fence", S, "run_tma_store_generic", dict(with_fence=1)),
         Case("sm90-elect-sync", S, "run_elect"),
         Case("sm90-stmatrix", S, "run_stmatrix"),
+        Case("sm90-driver-entry-points", S, "run_entry_points"),
         Case("sm90-encode-tensor-map-valid", S, "run_encode", dict(which=0)),
         Case("sm90-encode-tensor-map-valid-rank5", S, "run_encode", dict(which=15)),
         Case("sm90-misuse-control-passes", S, "run_misuse", dict(bug=0)),
@@ -246,6 +248,8 @@ def run_generic_operands(lib, with_fence):
     fn = bind(lib, "st_sm90_generic_operands", ci, vp, vp, vp, ci)
     check(lib, fn(ptr(A), ptr(B), ptr(D), with_fence), "generic operands")
     want = A.double() @ B.double().t()
+    if with_fence == 2:
+        want = 2 * want
     torch.testing.assert_close(D.double(), want, atol=1e-6, rtol=2.0**-23)
 
 
@@ -372,6 +376,11 @@ def run_stmatrix(lib):
 def run_named_twice(lib):
     out = torch.zeros(64, dtype=torch.int32)
     check(lib, bind(lib, "st_sm90_named_twice", ci, vp)(ptr(out)), "named barrier twice")
+
+
+def run_entry_points(lib):
+    r = bind(lib, "st_sm90_entry_points", ci)()
+    assert r == 0, f"driver entry point check {r} failed"
 
 
 def run_encode(lib, which, reason=None):

@@ -28,6 +28,14 @@ __device__ __forceinline__ void mbar_init(uint64_t* b, uint32_t count) {
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* b, uint32_t tx) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(tx) : "memory");
 }
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, uint32_t tx) {
+  asm volatile("mbarrier.expect_tx.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(tx) : "memory");
+}
+__device__ __forceinline__ uint64_t mbar_arrive_state(uint64_t* b) {
+  uint64_t state;
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];" : "=l"(state) : "r"(smem_u32(b)) : "memory");
+  return state;
+}
 __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
 }
@@ -267,6 +275,29 @@ __device__ __forceinline__ void wgmma_rs128(float (&d)[64], const uint32_t (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(SA), "n"(SB), "n"(TB));
 }
 
+// m64n64k16 bf16 with scale-d as an immediate (0: D = A B, 1: D += A B)
+template <int SD>
+__device__ __forceinline__ void wgmma_ss64_imm(float (&d)[32], uint64_t da, uint64_t db) {
+  if constexpr (SD)
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+        "%23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db));
+  else
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+        "%23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 0, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db));
+}
+
 template <int N, bool BF16, int SA, int SB, int TA, int TB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int sd) {
   if constexpr (N == 8) wgmma_ss8<BF16, SA, SB, TA, TB>(d, da, db, sd);
@@ -376,8 +407,9 @@ __global__ void tma_copy_kernel(const __grid_constant__ CUtensorMap in, const __
   if (threadIdx.x == 0) {
     prefetch_tmap(&in);
     mbar_init(bar, 1);
-    mbar_arrive_expect_tx(bar, (uint32_t)bytes);
+    mbar_expect_tx(bar, (uint32_t)bytes);  // (expect_tx and arrive as two instructions)
     tma_load(smem, &in, bar, rank, cin.c);
+    (void)mbar_arrive_state(bar);
   }
   __syncthreads();
   mbar_wait(bar, 0);
@@ -595,8 +627,9 @@ __global__ void __launch_bounds__(128) misuse_kernel(const __grid_constant__ CUt
 
 // Ordinary stores fill A (64 x 16) and B (16 x N = 64, as [N][16]) in the no-swizzle K-major canonical
 // layout (8 x 16-byte core matrices: rows at 16 bytes, row groups at SBO = 256, the two K halves at
-// LBO = 128), then (with_fence) fence.proxy.async, __syncthreads and one wgmma. Without the fence the
-// wgmma reads through the async proxy what the generic proxy wrote: reported.
+// LBO = 128), then (with_fence) fence.proxy.async, __syncthreads and one wgmma (with_fence 2: two, with
+// scale-d immediates 0 and 1: D = 2 A B). Without the fence the wgmma reads through the async proxy
+// what the generic proxy wrote: reported.
 __global__ void __launch_bounds__(128) generic_operands_kernel(const uint16_t* a, const uint16_t* b, float* d_out,
                                                                int with_fence) {
   __shared__ __align__(1024) uint16_t sa[64 * 16];
@@ -611,9 +644,15 @@ __global__ void __launch_bounds__(128) generic_operands_kernel(const uint16_t* a
   if (with_fence) fence_proxy_async();
   __syncthreads();
   float acc[32];
-  for (int v = 0; v < 32; ++v) acc[v] = 0.f;
+  for (int v = 0; v < 32; ++v) acc[v] = 7.f;
   wg_fence();
-  wgmma_ss<64, true, 1, 1, 0, 0>(acc, make_desc(smem_u32(sa), 128, 256, 0), make_desc(smem_u32(sb), 128, 256, 0), 0);
+  const uint64_t da = make_desc(smem_u32(sa), 128, 256, 0), db = make_desc(smem_u32(sb), 128, 256, 0);
+  if (with_fence == 2) {  // immediate scale-d: D = A B, then D += A B
+    wgmma_ss64_imm<0>(acc, da, db);
+    wgmma_ss64_imm<1>(acc, da, db);
+  } else {
+    wgmma_ss<64, true, 1, 1, 0, 0>(acc, da, db, 0);
+  }
   wg_commit();
   wg_wait<0>();
   for (int v = 0; v < 32; ++v) d_out[frag_row(t, v) * 64 + frag_col(t, v)] = acc[v];
@@ -648,7 +687,7 @@ __global__ void elect_kernel(int* out) {
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult q;
-  if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &q) != cudaSuccess ||
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
       q != cudaDriverEntryPointSuccess)
     return nullptr;
   return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
@@ -778,6 +817,23 @@ ST_EXPORT int st_sm90_elect(int* out, int threads) {
 ST_EXPORT int st_sm90_stmatrix(uint16_t* out) {
   stmatrix_kernel<<<1, 32>>>(out);
   return cudaGetLastError();
+}
+
+// Both driver entry points give cuTensorMapEncodeTiled (the deprecated one as the kernel contract uses
+// it); an unknown symbol gives nullptr and cudaDriverEntryPointSymbolNotFound. 0 when all hold.
+ST_EXPORT int st_sm90_entry_points() {
+  void *a = nullptr, *b = nullptr, *c = reinterpret_cast<void*>(1);
+  cudaDriverEntryPointQueryResult qa, qb, qc;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &a, cudaEnableDefault, &qa) != cudaSuccess) return 1;
+#pragma GCC diagnostic pop
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &b, 12000, cudaEnableDefault, &qb) != cudaSuccess)
+    return 2;
+  if (cudaGetDriverEntryPointByVersion("cuNoSuchFunction", &c, 12000, cudaEnableDefault, &qc) != cudaSuccess) return 3;
+  if (a == nullptr || a != b || qa != cudaDriverEntryPointSuccess || qb != cudaDriverEntryPointSuccess) return 4;
+  if (c != nullptr || qc != cudaDriverEntryPointSymbolNotFound) return 5;
+  return 0;
 }
 
 // cuTensorMapEncodeTiled with one invalid argument (which), or none (which = 0). Returns its CUresult.
