@@ -205,7 +205,8 @@ struct WarpgroupState {
   int64_t next_group = 0;
   bool fenced = false;           // wgmma.fence since the last wgmma.wait_group
   Gather* gathering = nullptr;
-  int regs = 0;                  // per-thread registers (setmaxnreg)
+  int regs = 0;                  // per-thread registers (setmaxnreg; at launch: the most the block can have)
+  bool regs_known = false;       // set by a setmaxnreg (the launch's count is unknown here)
 };
 
 }  // namespace
@@ -246,7 +247,8 @@ Sm90Block& S() {
     B.sm90 = new Sm90Block;
     B.sm90->wgs.resize((B.nthreads + 127) / 128);
     // The CTA's register pool for setmaxnreg: the most registers per thread a launch of this many
-    // threads can have (64K registers per SM, a multiple of 8, at most 256).
+    // threads can have (64K registers per SM, a multiple of 8, at most 256). The actual launch count
+    // is at most that, so an increase that cannot fit in this pool cannot fit on the GPU either.
     int r = (int)(65536 / std::max(1u, B.nthreads)) / 8 * 8;
     B.sm90->regs_init = std::min(r, 256);
     for (WarpgroupState& w : B.sm90->wgs) w.regs = B.sm90->regs_init;
@@ -1309,10 +1311,12 @@ void setmaxnreg(bool inc, int n, const char* file, int line) {
   if (!g) return;
   Sm90Block& s = S();
   WarpgroupState& W = s.wgs[g->wg];
-  if (inc && n < W.regs)
+  // (the launch's register count is unknown here: the direction is checked once a setmaxnreg set it)
+  if (W.regs_known && inc && n < W.regs)
     fault("%s:%d: %s %d below the warpgroup's current %d registers per thread", base_name(file), line, what, n, W.regs);
-  if (!inc && n > W.regs)
+  if (W.regs_known && !inc && n > W.regs)
     fault("%s:%d: %s %d above the warpgroup's current %d registers per thread", base_name(file), line, what, n, W.regs);
+  W.regs_known = true;
   auto used = [&] {
     long u = 0;
     for (const WarpgroupState& w : s.wgs) u += (long)w.regs * 128;

@@ -150,6 +150,8 @@ def _cases():
         Case("sm90-detects-warp-arriving-twice-at-named-barrier", S, "run_named_twice",
              expect="fault:warp 0 arrives again at named barrier 1"),
         Case("sm90-detects-deadlock-greedy", S, "run_misuse", dict(bug=1), thread_order=3, expect=MISUSE[1]),
+        Case("sm90-detects-setmaxnreg-beyond-register-pool", S, "run_setmaxnreg_pool",
+             expect="fault:deadlock.*setmaxnreg.inc.sync.aligned.u32 240 .*waits for registers"),
     ]
     return cases
 
@@ -371,6 +373,11 @@ def run_stmatrix(lib):
         for r in range(8):
             for c in range(8):
                 assert s2[8 * m + r][c] == 100 * m + 10 * r + c, f"x2.trans matrix {m} ({r}, {c}): {s2[8 * m + r][c]}"
+
+
+def run_setmaxnreg_pool(lib):
+    out = torch.zeros(384, dtype=torch.int32)
+    check(lib, bind(lib, "st_sm90_setmaxnreg_pool", ci, vp)(ptr(out)), "setmaxnreg pool")
 
 
 def run_named_twice(lib):

@@ -658,6 +658,13 @@ __global__ void __launch_bounds__(128) generic_operands_kernel(const uint16_t* a
   for (int v = 0; v < 32; ++v) d_out[frag_row(t, v) * 64 + frag_col(t, v)] = acc[v];
 }
 
+// Three warpgroups all asking for 240 registers per thread: 3 x 128 x 240 is more than the 64K a block
+// of 384 threads can have, so the increases wait for registers that never come.
+__global__ void __launch_bounds__(384, 1) setmaxnreg_pool_kernel(int* out) {
+  setmaxnreg_inc<240>();
+  out[threadIdx.x] = 1;
+}
+
 // Two warps: warp 0 arrives at named barrier 1 (count 64) and then syncs on it before warp 1 arrived.
 __global__ void named_twice_kernel(int* out) {
   if (threadIdx.x < 32) {
@@ -801,6 +808,11 @@ ST_EXPORT int st_sm90_misuse(const void* a, const void* b, float* d, int bug) {
 
 ST_EXPORT int st_sm90_generic_operands(const void* a, const void* b, float* d, int with_fence) {
   generic_operands_kernel<<<1, 128>>>((const uint16_t*)a, (const uint16_t*)b, d, with_fence);
+  return cudaGetLastError();
+}
+
+ST_EXPORT int st_sm90_setmaxnreg_pool(int* out) {
+  setmaxnreg_pool_kernel<<<1, 384>>>(out);
   return cudaGetLastError();
 }
 
