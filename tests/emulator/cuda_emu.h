@@ -710,8 +710,7 @@ void fence_proxy_async(const char* file, int line);
 void mbar_init(uint32_t addr, uint32_t count, const char* file, int line);
 uint64_t mbar_arrive(uint32_t addr, uint32_t expect_tx, const char* file, int line);
 void mbar_expect_tx(uint32_t addr, uint32_t tx, const char* file, int line);
-bool mbar_wait_parity(uint32_t addr, uint32_t parity, bool try_wait, const char* file, int line);
-void mbar_inval(uint32_t addr, const char* file, int line);
+bool mbar_try_wait_parity(uint32_t addr, uint32_t parity, const char* file, int line);
 void tma_load(int rank, uint32_t dst, const void* tmap, const int32_t* coords, uint32_t mbar, const char* file,
               int line);
 void tma_store(int rank, const void* tmap, const int32_t* coords, uint32_t src, const char* file, int line);

@@ -10,13 +10,17 @@
 //             a descriptor, make_gmma_desc; accumulator and register-A fragment layouts)
 //   [gmma]    CUTLASS include/cute/arch/mma_sm90_gmma.hpp (Major/ScaleIn/ScaleOut, the PTX forms)
 //   [swizzle] CUTLASS include/cute/swizzle.hpp (Swizzle<B,M,S>), include/cute/pointer_swizzle.hpp
-//             (a swizzle acts on the byte address), include/cutlass/detail/layout.hpp
-//             (alignment_for_swizzle: a swizzled buffer is aligned to the pattern's repeat)
+//             (a swizzle acts on the byte address)
 //   [tma]     CUTLASS include/cute/arch/copy_sm90_tma.hpp, copy_sm90_desc.hpp (PTX forms, barriers)
 //   [cuda.h]  CUDA 13.0 cuda.h, cuTensorMapEncodeTiled's documented requirements
-//   [ptx]     PTX ISA 9.0: wgmma.mma_async / fence / commit_group / wait_group, mbarrier,
-//             cp.async.bulk.tensor, fence.proxy, barrier, setmaxnreg, elect.sync, stmatrix
-//   CUTLASS lines are those of NVIDIA/cutlass at 7107b05535f8977f5ecb9d01ee203205b1fd9bc4.
+//   [ptx]     PTX ISA 9.0, by section: 5.5.3.3 (out-of-bounds fill), 5.5.7 (TMA swizzling modes),
+//             9.7.9.25.5 (cp.async.bulk.tensor), 9.7.13.1 (barrier), 9.7.13.14 (elect.sync),
+//             9.7.13.15 (mbarrier: phases, tx-count, try_wait), 9.7.15 (wgmma: 9.7.15.5.1.1 register
+//             fragments, 9.7.15.5.1.2 shared memory matrix layout and Matrix Descriptor Format,
+//             9.7.15.7 fence / commit_group / wait_group), 9.7.19.5 (setmaxnreg), fence.proxy.
+//   CUTLASS lines are those of NVIDIA/cutlass at 7107b05535f8977f5ecb9d01ee203205b1fd9bc4. (The PTX ISA's
+//   own canonical-layout table, 9.7.15.5.1.2.1.3, states the same layouts as CUTLASS's make_gmma_desc;
+//   its fragment figures are the layouts CUTLASS's CLayout_64xN / ALayout_64x16 encode.)
 //
 // Asynchrony is modelled so that missing waits show: by default (Config::wgmma_at_issue = 0) a
 // wgmma's math happens at the wgmma.wait_group that completes it, and its accumulator registers
@@ -68,7 +72,7 @@ inline int desc_swizzle_bits(uint32_t layout) {
 
 // [swizzle] swizzle.hpp:54-79: Swizzle<B,M,S>::apply(o) = o ^ ((o & yyy_msk) >> S), yyy_msk = (2^B - 1)
 // << (M + S). The GMMA and TMA swizzles are Swizzle<B,4,3> (mma_traits_sm90_gmma.hpp:75-84;
-// copy_traits_sm90_tma_swizzle.hpp:48-56), applied to the byte address (pointer_swizzle.hpp:86-88):
+// copy_traits_sm90_tma_swizzle.hpp:44-56), applied to the byte address (pointer_swizzle.hpp:86-88):
 // bits [4, 4+B) (the 16-byte chunk within a 2^B * 16-byte row) ^= bits [7, 7+B).
 inline uint32_t swizzle(uint32_t addr, int b) {
   if (b == 0) return addr;
@@ -113,7 +117,7 @@ inline void d_coord(int t, int v, int* m, int* n) {
 // [traits] mma_traits_sm90_gmma.hpp:450-452, ALayout_64x16 = ((4,8,4),(2,2,2)):((128,1,16),(64,8,512)) over
 // the column-major 64 x 16 A tile (16-bit values): m = t1 + 16 t2 + 8 v1, k = 2 t0 + v0 + 8 v2. Value v
 // is half v % 2 (low half first) of the thread's 32-bit register v / 2 (the recast to uint32_t
-// registers of mma_unpack, lines 412-414).
+// registers of mma_unpack, lines 413-415).
 inline void a_coord(int t, int v, int* m, int* k) {
   *m = (t / 4) % 8 + 16 * (t / 32) + 8 * ((v / 2) % 2);
   *k = 2 * (t % 4) + v % 2 + 8 * (v / 4);
@@ -504,8 +508,8 @@ bool dtype_float(int dt) {
          dt == CU_TENSOR_MAP_DATA_TYPE_TFLOAT32 || dt == CU_TENSOR_MAP_DATA_TYPE_TFLOAT32_FTZ ||
          dt == CU_TENSOR_MAP_DATA_TYPE_FLOAT64;
 }
-// Swizzle<B,4,3> bits of a TMA swizzle mode ([tma] copy_sm90_desc.hpp SmemSwizzleBits: 32B = 1, 64B = 2,
-// 128B = 3; copy_traits_sm90_tma_swizzle.hpp:48-56) and its span in bytes ([cuda.h]: "Swizzle 16B
+// Swizzle<B,4,3> bits of a TMA swizzle mode ([tma] copy_sm90_desc.hpp:134-139 SmemSwizzleBits: 32B = 1, 64B = 2,
+// 128B = 3; copy_traits_sm90_tma_swizzle.hpp:44-56) and its span in bytes ([cuda.h]: "Swizzle 16B
 // chunks within 32B / 64B / 128B span").
 int tma_swizzle_bits(int swz) { return swz == CU_TENSOR_MAP_SWIZZLE_32B ? 1 : swz == CU_TENSOR_MAP_SWIZZLE_64B ? 2 : swz == CU_TENSOR_MAP_SWIZZLE_128B ? 3 : 0; }
 
@@ -573,19 +577,17 @@ void validate_tma(const char* what, int rank, const void* tmap, uint32_t smem, T
   for (int i = 1; i < m->rank; ++i)
     if (m->estride[i] != 1)
       fault("%s:%d: %s: elementStrides other than 1 are not emulated", base_name(file), line, what);
-  // Shared memory side of a tensor copy: 128-byte aligned ([ptx] cp.async.bulk.tensor); a swizzled
-  // box is aligned to the swizzle pattern's repeat of 8 rows ([swizzle] cutlass/detail/layout.hpp:423-426
-  // alignment_for_swizzle = 2^(B+M+S): 256, 512, 1024 bytes), the phase the emulator's absolute-address
-  // swizzle assumes.
+  // The shared memory side of a tensor copy is 128-byte aligned (CUDA programming guide, TMA). The
+  // swizzle pattern ([ptx] 5.5.7 "Swizzling Modes": 16-byte chunk c of 128-byte line L goes to
+  // c ^ (L mod 2^B)) starts at a 1024 / 512 / 256-byte boundary, or, for a destination elsewhere, has
+  // the "swizzle base offset" (dstMem / 128) mod 8 / 4 / 2: a function of the absolute shared address,
+  // which is how the emulator computes it.
   if (smem % 128 != 0)
     fault("%s:%d: %s: shared memory address %s is not 128-byte aligned", base_name(file), line, what,
           alloc_where(smem).c_str());
   const int b = tma_swizzle_bits(m->swizzle);
   if (b) {
-    const uint32_t span = 16u << b, repeat = span * 8;
-    if (smem % repeat != 0)
-      fault("%s:%d: %s: shared memory address %s is not aligned to the %u-byte repeat of the %uB swizzle pattern",
-            base_name(file), line, what, alloc_where(smem).c_str(), repeat, span);
+    const uint32_t span = 16u << b;
     if (m->box[0] * (uint32_t)m->esize != span)
       fault("%s:%d: %s: a box inner dimension of %u bytes under the %uB swizzle (less than the span) is not emulated",
             base_name(file), line, what, m->box[0] * (uint32_t)m->esize, span);
@@ -677,8 +679,10 @@ void desc_tile(const char* which, uint64_t desc, bool mn_major, int rows, std::v
           "make_gmma_desc always sets 0)", base_name(file), line, which, (unsigned long long)desc, d.base_offset);
   const int b = sm90::desc_swizzle_bits(d.layout);
   if (b) {
-    // With base offset 0 the matrix starts at the beginning of a swizzle pattern repeat (8 rows of the
-    // span): only an offset within the first row (a K step inside the row) keeps the pattern's phase.
+    // [ptx] "Matrix Descriptor Format": the base offset is 0 when the swizzle's repeating pattern starts
+    // at a 1024 / 512 / 256-byte boundary (128B / 64B / 32B), otherwise (pattern start >> 7) & 7. With
+    // base offset 0 the matrix must therefore start in the first row of a pattern that begins at such a
+    // boundary (an offset inside that row, e.g. a K step, is fine: the chunk bits are the address's).
     const uint32_t span = 16u << b, repeat = 8 * span;
     if (d.start % repeat >= span)
       fault("%s:%d: wgmma descriptor %s = 0x%016llx: start address %s is misaligned for the %uB swizzle (offset %u "
@@ -1084,26 +1088,13 @@ void mbar_init(uint32_t addr, uint32_t count, const char* file, int line) {
   Sm90Block& s = S();
   auto it = s.mbars.find(addr);
   if (it != s.mbars.end())
-    fault("%s:%d: mbarrier.init of %s, which holds a live mbarrier (initialised at %s; mbarrier.inval it first)",
+    fault("%s:%d: mbarrier.init of %s, which holds a live mbarrier (initialised at %s)",
           base_name(file), line, alloc_where(addr).c_str(), site(it->second->file, it->second->line).c_str());
   Mbar* b = new Mbar;
   b->addr = addr, b->expected = b->pending = count, b->file = file, b->line = line;
   s.mbars[addr] = b;
   const uint64_t sig = kMbarSig ^ addr;
   std::memcpy(host, &sig, 8);
-}
-
-void mbar_inval(uint32_t addr, const char* file, int line) {
-  Mbar* b = mbar_at(addr, "mbarrier.inval", file, line);
-  for (unsigned i = 0; i < g_block->nthreads; ++i)
-    if (g_threads[i].st == St::Spin && g_threads[i].sm90->spin == b)
-      fault("%s:%d: mbarrier.inval of %s while threads wait on it", base_name(file), line, alloc_where(addr).c_str());
-  if (!b->inflight.empty())
-    fault("%s:%d: mbarrier.inval of %s with TMA loads in flight", base_name(file), line, alloc_where(addr).c_str());
-  S().mbars.erase(addr);
-  delete b;
-  char* host = static_cast<char*>(shared_ptr(addr, 8, 8, "mbarrier.inval", file, line));
-  std::memset(host, 0, 8);
 }
 
 // [ptx] mbarrier.arrive{.expect_tx}: expect-tx (tx-count += tx) then arrive-on (pending count - 1);
@@ -1135,9 +1126,9 @@ void mbar_expect_tx(uint32_t addr, uint32_t tx, const char* file, int line) {
   b.version++;
 }
 
-bool mbar_wait_parity(uint32_t addr, uint32_t parity, bool try_wait, const char* file, int line) {
+bool mbar_try_wait_parity(uint32_t addr, uint32_t parity, const char* file, int line) {
   Thread* t = require_fiber("mbarrier.try_wait");
-  Mbar* b = mbar_at(addr, try_wait ? "mbarrier.try_wait.parity" : "mbarrier.test_wait.parity", file, line);
+  Mbar* b = mbar_at(addr, "mbarrier.try_wait.parity", file, line);
   parity &= 1;
   auto done = [&] { return (b->phase & 1) != parity; };
   if (!done()) mbar_complete_late(*b);
@@ -1199,6 +1190,11 @@ void tma_store(int rank, const void* tmap, const int32_t* coords, uint32_t src, 
   Thread* t = require_fiber("cp.async.bulk.tensor");
   TensorMap m;
   validate_tma("cp.async.bulk.tensor (store)", rank, tmap, src, &m, file, line);
+  // [ptx] 9.7.9.25.5.1: for the .global.shared::cta direction the starting coordinates must be non-negative
+  for (int i = 0; i < rank; ++i)
+    if (coords[i] < 0)
+      fault("%s:%d: TMA store with a negative coordinate (c%d = %d): a store's box must start at non-negative "
+            "coordinates", base_name(file), line, i, coords[i]);
   Sm90Block& s = S();
   TmaOp* op = new TmaOp;
   op->id = s.next_id++, op->load = false, op->rank = rank, op->smem = src, op->bytes = box_bytes(m);
@@ -1411,9 +1407,14 @@ CUresult encode_fail(const char* fmt, ...) {
 }
 }  // namespace
 
-// The requirements are those cuda.h (CUDA 13.0) documents for cuTensorMapEncodeTiled; a violation
-// returns CUDA_ERROR_INVALID_VALUE (the reason: gptk_emu_api_log()). Interleaved layouts, the packed
-// 4/6-bit types and the 128B_ATOM swizzles are not emulated (also CUDA_ERROR_INVALID_VALUE).
+// The requirements are those cuda.h (CUDA 13.0, /usr/local/cuda/include/cuda.h) documents for
+// cuTensorMapEncodeTiled: tensorMap 64-byte aligned (line 23248), rank 1..5 (23275), globalAddress
+// 16-byte aligned (23278), globalDim in [1, 2^32] (23282), globalStrides multiples of 16 below 2^40
+// (23288-23289), boxDim in [1, 256] with boxDim[0] * element size a multiple of 16 (23300-23302),
+// elementStrides in [1, 8] (23305), the box inner dimension at most the swizzle span (23322-23326), the
+// NaN fill for floating-point types only (23375). A violation returns CUDA_ERROR_INVALID_VALUE (the
+// reason: gptk_emu_api_log()). Interleaved layouts, the packed 4/6-bit types and the 128B_ATOM
+// swizzles are not emulated (also CUDA_ERROR_INVALID_VALUE).
 CUresult cuTensorMapEncodeTiled(CUtensorMap* tensorMap, CUtensorMapDataType tensorDataType, cuuint32_t tensorRank,
                                 void* globalAddress, const cuuint64_t* globalDim, const cuuint64_t* globalStrides,
                                 const cuuint32_t* boxDim, const cuuint32_t* elementStrides,

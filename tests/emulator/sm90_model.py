@@ -16,7 +16,7 @@ transcribing the emulator's closed forms:
   ALayout_64x16 (lines 450-452), maps from (thread, value) to the column-major index of the tile;
 - TMA boxes: dense in shared memory, dimension 0 innermost (cuda.h, cuTensorMapEncodeTiled), then
   Swizzle<B,4,3> with B = 1, 2, 3 for the 32B, 64B, 128B modes
-  (include/cute/atom/copy_traits_sm90_tma_swizzle.hpp:48-56).
+  (include/cute/atom/copy_traits_sm90_tma_swizzle.hpp:44-56).
 """
 from __future__ import annotations
 

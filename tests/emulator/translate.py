@@ -497,12 +497,9 @@ def _instr(ctx: _Ctx, opcode: str, a: list[str]) -> str:
             return ctx.write(a[0], call, 64)
         if op == "expect_tx" and not rest and len(a) == 2:
             return f"{P}mbar_expect_tx({ctx.smem(a[0])}, (uint32_t){ctx.val(a[1])}, __FILE__, __LINE__);"
-        if op in ("try_wait", "test_wait") and rest == ["parity"] and len(a) in (3, 4):
-            call = (f"{P}mbar_wait_parity({ctx.smem(a[1])}, (uint32_t){ctx.val(a[2])}, "
-                    f"{'true' if op == 'try_wait' else 'false'}, __FILE__, __LINE__)")
+        if op == "try_wait" and rest == ["parity"] and len(a) in (3, 4):  # (a 4th operand: the suspend-time hint)
+            call = f"{P}mbar_try_wait_parity({ctx.smem(a[1])}, (uint32_t){ctx.val(a[2])}, __FILE__, __LINE__)"
             return ctx.write(a[0], call)
-        if op == "inval" and not rest and len(a) == 1:
-            return f"{P}mbar_inval({ctx.smem(a[0])}, __FILE__, __LINE__);"
         raise Unsupported(opcode)
     # -- TMA (bulk tensor copies) and bulk async-groups
     if head == "cp" and mods[:3] == ["async", "bulk", "tensor"]:
@@ -510,6 +507,7 @@ def _instr(ctx: _Ctx, opcode: str, a: list[str]) -> str:
         tail = set(mods[4:])
         hint = "L2::cache_hint" in tail
         tail.discard("L2::cache_hint")
+        tail.discard("tile")  # (the default load mode)
         load = {"shared::cluster", "global", "mbarrier::complete_tx::bytes"}
         store = {"global", "shared::cta", "bulk_group"}
         if rank and (tail == load or tail == {"shared::cta", "global", "mbarrier::complete_tx::bytes"}) and \
