@@ -444,9 +444,9 @@ void* shared_var(const void* tag, size_t size, size_t align, const char* name) {
   B.static_bytes += size;
   if (B.static_bytes > kStaticSmemLimit)
     fault("static shared memory of %zu bytes (with __shared__ %s) exceeds the 48 KiB limit", B.static_bytes, name);
-  if (B.static_bytes + g_launch->cfg.smem > kSmemOptinMax)
+  if (B.static_bytes + g_launch->cfg.smem > smem_optin_max(g_cfg.cc))
     fault("static (%zu) + dynamic (%zu) shared memory exceed the %zu bytes a block may have", B.static_bytes,
-          g_launch->cfg.smem, kSmemOptinMax);
+          g_launch->cfg.smem, smem_optin_max(g_cfg.cc));
   char* p = alloc_shared(size);
   B.allocs.push_back(SharedAlloc{tag, p, size, reserve_window(B, size), name});
   return p;
@@ -668,7 +668,7 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
 
 cudaError_t set_func_attribute(const void* fn, int attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || (size_t)value > kSmemOptinMax) return set_error(cudaErrorInvalidValue);
+    if (value < 0 || (size_t)value > smem_optin_max(g_cfg.cc)) return set_error(cudaErrorInvalidValue);
     g_max_dyn_smem[fn] = value;
     return cudaSuccess;
   }
@@ -683,7 +683,7 @@ cudaError_t occupancy(int* n, const void* fn, int block, size_t smem) {
   if (n == nullptr || block <= 0 || block > kMaxThreadsPerBlock) return set_error(cudaErrorInvalidValue);
   const int warps = (block + 31) / 32;
   int by_threads = kMaxThreadsPerSm / (warps * 32);
-  int by_smem = (int)(kSmemPerSm / (smem + kSmemReservedPerBlock));
+  int by_smem = (int)(smem_per_sm(g_cfg.cc) / (smem + kSmemReservedPerBlock));
   int r = std::min({by_threads, by_smem, kMaxBlocksPerSm});
   if (g_cfg.max_blocks_per_sm > 0) r = std::min(r, g_cfg.max_blocks_per_sm);
   *n = r;
@@ -708,7 +708,7 @@ cudaError_t run_launch(const void* fn, const LaunchCfg& cfg, void (*body)(void*)
       return set_error(cudaErrorInvalidValue);
     }
   }
-  if (cfg.smem > kSmemOptinMax) return set_error(cudaErrorInvalidValue);
+  if (cfg.smem > smem_optin_max(g_cfg.cc)) return set_error(cudaErrorInvalidValue);
   ensure_pool((unsigned)nthreads);
   Launch L;
   L.fn = fn, L.cfg = cfg, L.body = body, L.closure = closure;
@@ -803,11 +803,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
     case cudaDevAttrMultiProcessorCount: *value = g_cfg.num_sms; break;
     case cudaDevAttrL2CacheSize: *value = 50 * 1024 * 1024; break;
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = kMaxThreadsPerSm; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)kSmemPerSm; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = g_cfg.cc / 10; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = g_cfg.cc % 10; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)smem_per_sm(g_cfg.cc); break;
     case cudaDevAttrMaxRegistersPerMultiprocessor: *value = 65536; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = (int)kSmemOptinMax; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = (int)smem_optin_max(g_cfg.cc); break;
     case cudaDevAttrMaxBlocksPerMultiprocessor: *value = kMaxBlocksPerSm; break;
     default: return set_error(cudaErrorInvalidValue);
   }
@@ -817,10 +817,10 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int dev) {
   if (p == nullptr || dev != 0) return set_error(cudaErrorInvalidValue);
   std::memset(p, 0, sizeof *p);
   snprintf(p->name, sizeof p->name, "gptk_emu (CPU emulation, %d SMs)", g_cfg.num_sms);
-  p->major = 9, p->minor = 0;
+  p->major = g_cfg.cc / 10, p->minor = g_cfg.cc % 10;
   p->multiProcessorCount = g_cfg.num_sms;
-  p->sharedMemPerBlock = kStaticSmemLimit, p->sharedMemPerBlockOptin = kSmemOptinMax;
-  p->sharedMemPerMultiprocessor = kSmemPerSm;
+  p->sharedMemPerBlock = kStaticSmemLimit, p->sharedMemPerBlockOptin = smem_optin_max(g_cfg.cc);
+  p->sharedMemPerMultiprocessor = smem_per_sm(g_cfg.cc);
   p->maxThreadsPerBlock = kMaxThreadsPerBlock, p->maxThreadsPerMultiProcessor = kMaxThreadsPerSm;
   p->maxBlocksPerMultiProcessor = kMaxBlocksPerSm;
   p->warpSize = 32;
@@ -886,6 +886,12 @@ __attribute__((visibility("default"))) int gptk_emu_configure_async(int wgmma_at
   if (wgmma_at_issue < 0 || wgmma_at_issue > 1 || tma_at_issue < 0 || tma_at_issue > 1) return 1;
   g_cfg.wgmma_at_issue = wgmma_at_issue;
   g_cfg.tma_at_issue = tma_at_issue;
+  return 0;
+}
+// The emulated device's compute capability: 90 (the default) or 80 (sm_90 instructions then fault).
+__attribute__((visibility("default"))) int gptk_emu_configure_device(int cc) {
+  if (cc != 80 && cc != 90) return 1;
+  g_cfg.cc = cc;
   return 0;
 }
 __attribute__((visibility("default"))) const char* gptk_emu_fault() { return g_fault.c_str(); }

@@ -38,8 +38,9 @@ constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kMaxBlocksPerSm = 32;
 constexpr size_t kStaticSmemLimit = 48 * 1024;
-constexpr size_t kSmemOptinMax = 232448;  // 227 KiB per block (sm_90)
-constexpr size_t kSmemPerSm = 233472;     // 228 KiB per SM
+// Shared memory per block (opt-in) and per SM: sm_90 227 / 228 KiB, sm_80 163 / 164 KiB.
+inline size_t smem_optin_max(int cc) { return cc >= 90 ? 232448 : 166912; }
+inline size_t smem_per_sm(int cc) { return cc >= 90 ? 233472 : 167936; }
 constexpr size_t kSmemReservedPerBlock = 1024;
 
 struct Config {
@@ -59,6 +60,7 @@ struct Config {
   // missing waits), 1 = at issue.
   int wgmma_at_issue = 0;     // wgmma math at wgmma.mma_async (1) or at wgmma.wait_group (0)
   int tma_at_issue = 0;       // TMA loads at issue (1) or when a waiter polls their mbarrier (0)
+  int cc = 90;                // the emulated device's compute capability (90: H100/H200; 80: A100)
 };
 extern Config g_cfg;
 

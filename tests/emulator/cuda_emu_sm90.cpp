@@ -245,7 +245,10 @@ namespace {
 // =====================================================================================================
 // Helpers
 // =====================================================================================================
-Sm90Block& S() {
+Sm90Block& S(bool sm90_only = true) {
+  if (sm90_only && g_cfg.cc < 90)
+    fault("an sm_90 instruction (wgmma, TMA, mbarrier expect_tx/try_wait, fence.proxy.async, setmaxnreg, elect, "
+          "stmatrix) on the emulated sm_%d device", g_cfg.cc);
   Block& B = *g_block;
   if (B.sm90 == nullptr) {
     B.sm90 = new Sm90Block;
@@ -391,7 +394,7 @@ void wg_release(Gather* g) {
 // =====================================================================================================
 void named_barrier_check(int id) {
   Block& B = *g_block;
-  NamedBar& nb = S().bars[id];
+  NamedBar& nb = S(false).bars[id];
   if (nb.count == 0) return;
   for (size_t w = 0; w < nb.lanes.size(); ++w) {
     const unsigned live = B.warps[w].exists & ~B.warps[w].exited;
@@ -1251,6 +1254,7 @@ void bulk_wait(int n, bool read, const char* file, int line) {
 
 void prefetch_tensormap(const void* tmap, const char* file, int line) {
   require_fiber("prefetch.tensormap");
+  S();
   TensorMap m;
   if (!decode_tmap(tmap, &m))
     fault("%s:%d: prefetch.tensormap of a tensor map that cuTensorMapEncodeTiled did not encode", base_name(file),
@@ -1274,7 +1278,7 @@ void named_barrier(int id, int count, bool sync, const char* file, int line) {
   if (count <= 0 || count % 32 != 0 || (unsigned)count > nwarps * 32)
     fault("%s:%d: %s %d, %d: the thread count must be a positive multiple of 32 of at most the block's %u threads",
           base_name(file), line, what, id, count, B.nthreads);
-  NamedBar& nb = S().bars[id];
+  NamedBar& nb = S(false).bars[id];
   if (nb.count == 0) {
     nb.count = count, nb.file = file, nb.line = line, nb.warps_arrived = 0;
     nb.lanes.assign(nwarps, 0);
@@ -1357,6 +1361,8 @@ void setmaxnreg(bool inc, int n, const char* file, int line) {
 // [ptx] elect.sync d|p, membermask: one leader among the threads of membermask, deterministic. Which one
 // the PTX ISA does not say; the emulator elects the lowest lane of the mask.
 uint32_t elect_sync(uint32_t mask, bool* pred, const char* file, int line) {
+  require_fiber("elect.sync");
+  S();
   warp_collective(mask, kElect, nullptr, 0, file, line);
   const uint32_t leader = (uint32_t)std::countr_zero(mask);
   *pred = lane_id() == leader;
@@ -1368,6 +1374,7 @@ uint32_t elect_sync(uint32_t mask, bool* pred, const char* file, int line) {
 // each matrix, with .trans elements (2(l%4), l/4) and (2(l%4)+1, l/4)).
 void stmatrix(int num, bool trans, uint32_t addr, const uint32_t* regs, const char* file, int line) {
   Thread* t = require_fiber("stmatrix");
+  S();
   struct {
     uint32_t addr;
     int num, trans;

@@ -74,6 +74,7 @@ class Case:
     max_blocks_per_sm: int = 0    # occupancy the emulated cudaOccupancy* reports at most (0: threads/smem only)
     wgmma_at_issue: bool = False  # sm_90: wgmma math at issue instead of at the wgmma.wait_group that completes it
     tma_at_issue: bool = False    # sm_90: TMA copies at issue instead of when a waiter could observe them
+    compute_capability: int = 90  # of the emulated device (90 or 80; sm_90 instructions fault on 80)
     expect: str = "pass"          # "pass", "fault:<regex>" (emulator fault), "crash:<regex>" (sanitizer abort)
 
 
@@ -208,6 +209,7 @@ def worker_main(case_file: str, libs: dict, ids: list[str]) -> int:
         bind(lib, "gptk_emu_configure", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
              ctypes.c_uint, ctypes.c_int)
         bind(lib, "gptk_emu_configure_async", ctypes.c_int, ctypes.c_int, ctypes.c_int)
+        bind(lib, "gptk_emu_configure_device", ctypes.c_int, ctypes.c_int)
         handles[fam] = lib
     for cid in ids:
         case = cases[cid]
@@ -221,6 +223,8 @@ def worker_main(case_file: str, libs: dict, ids: list[str]) -> int:
         torch.manual_seed(0)
         status, msg = "pass", ""
         try:
+            if lib.gptk_emu_configure_device(case.compute_capability) != 0:
+                raise ValueError(f"compute capability {case.compute_capability} is not emulated (80 or 90)")
             getattr(mod, case.fn)(lib, **case.kw)
         except EmuFault as e:
             status, msg = "fault", str(e)

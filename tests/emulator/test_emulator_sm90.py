@@ -153,6 +153,8 @@ def _cases():
         Case("sm90-detects-warp-arriving-twice-at-named-barrier", S, "run_named_twice",
              expect="fault:warp 0 arrives again at named barrier 1"),
         Case("sm90-detects-deadlock-greedy", S, "run_misuse", dict(bug=1), thread_order=3, expect=MISUSE[1]),
+        Case("sm90-detects-sm90-instruction-on-sm80-device", S, "run_misuse", dict(bug=0), compute_capability=80,
+             expect="fault:an sm_90 instruction .* on the emulated sm_80 device"),
         Case("sm90-detects-setmaxnreg-beyond-register-pool", S, "run_setmaxnreg_pool",
              expect="fault:deadlock.*setmaxnreg.inc.sync.aligned.u32 240 .*waits for registers"),
     ]
