@@ -9,7 +9,7 @@ are checked in; this script rewrites them and removes those no longer listed.
   python tools/gen_instantiations.py           # regenerate
   python tools/gen_instantiations.py --check   # exit 1 when the checked-in files are stale (CI test)
 
-Other tools read the lists through head_dims() / dtypes() (tools/check_mma_layouts.py).
+Other tools read the lists through head_dims() / dtypes() (the emulated tests' build globs the files they write).
 """
 from __future__ import annotations
 
