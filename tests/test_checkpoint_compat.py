@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from gptkernels.cli import load_model
-from gptkernels.cli import main as cli_main
+from gptkernels.gpt.checkpoint import load_model
+from gptkernels.gpt.cli import main as cli_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CKPT = os.path.join(HERE, "data", "ckpt_v1")
