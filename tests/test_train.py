@@ -218,3 +218,37 @@ def test_cuda_training_kernels_match_reference_and_learn(tiny_data, tmp_path):
     assert part.step == 10 and rest.step == 30
     for s in range(11, 31):
         assert rest.losses[s] == pytest.approx(ker.losses[s], rel=1e-2, abs=1e-2)
+
+
+def test_fsdp_shards_each_block_as_a_unit():
+    """FSDP2 in one gloo process: every Block is its own fully_shard unit (it applies only its own
+    LayerNorms), the root is one too, and a training step gives the unsharded model's loss and
+    gradients."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from gptkernels import GPT, GPTConfig
+    from gptkernels.gpt.train.run_setup import _shard
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=16))
+    sharded = copy.deepcopy(plain)
+    idx, tgt = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _shard(TrainConfig(fsdp=True), sharded)
+        assert isinstance(sharded, FSDPModule)
+        assert all(isinstance(b, FSDPModule) for b in sharded.transformer.h)
+        assert not any(isinstance(m, FSDPModule) for b in sharded.transformer.h for m in b.modules() if m is not b)
+        _, loss = sharded(idx, tgt)
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    _, ref = plain(idx, tgt)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
