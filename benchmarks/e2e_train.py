@@ -3,7 +3,9 @@
 One full training step (next batch from the memory-mapped token loader -> H2D copy -> forward
 with bf16 autocast -> backward -> fused AdamW step) of the same GPT, in one process, for:
 
-  gptkernels   gptkernels.GPT, default backend (our CUDA kernels where they apply), no compile
+  gptkernels   gptkernels.GPT, default backend (our CUDA kernels where they apply), no compile;
+               its loss runs through linear_cross_entropy, so the (B*T, 50304) logits and their
+               gradient never exist in full (the baselines hold them: see peak_mem_gib)
   eager        `NanoGPT` below: a plain nanoGPT-style module in PyTorch eager: nn.LayerNorm,
                F.scaled_dot_product_attention (causal), nn.Linear + nn.GELU(tanh), F.cross_entropy.
                (Written out here rather than gptkernels.backend("reference"): our attention

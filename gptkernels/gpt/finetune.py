@@ -224,4 +224,3 @@ def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3,
                      "tokenizer": tok.to_json_str(), "accuracy": res["accuracy"]}, out)
         res["checkpoint"] = out
     return res
-

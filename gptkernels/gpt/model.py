@@ -57,7 +57,6 @@ def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
     return pe.float()
 
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -85,10 +84,9 @@ class CausalSelfAttention(nn.Module):
         return linear_act(y.reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
 
-
 class Block(nn.Module):
     """ln_1 -> attention -> ln_2 -> MLP, each residual add fused into the LayerNorm after it (see
-    the module docstring). forward((hidden, residual)) -> (hidden, residual)."""
+    the module docstring). forward(hidden, residual) -> (hidden, residual)."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()

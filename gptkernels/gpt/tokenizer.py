@@ -157,4 +157,3 @@ def _guess_eos(tok) -> str:
         return specials[0]
     raise TokenizerError(f"cannot tell which token ends a document (special tokens: {specials}); "
                          "pass eos_token explicitly")
-

@@ -129,4 +129,3 @@ class _Continuation(str):
 
 def is_continuation(doc: str) -> bool:
     return isinstance(doc, _Continuation)
-

@@ -126,7 +126,6 @@ def open_shard(path: str, verify: bool = True) -> np.ndarray:
     return mm
 
 
-
 def load_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):

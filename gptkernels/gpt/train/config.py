@@ -63,10 +63,10 @@ class TrainConfig:
 
     def model_dict(self, vocab_size: int) -> dict:
         """The GPTConfig fields of this run for a tokenizer of vocab_size ids."""
-        return dict(vocab_size=pad_vocab(vocab_size, self.pad_vocab), block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
-                    n_kv_head=self.n_kv_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                    pos_embedding=self.pos_embedding, activation=self.activation,
-                    tie_embeddings=self.tie_embeddings)
+        return dict(vocab_size=pad_vocab(vocab_size, self.pad_vocab), block_size=self.block_size,
+                    n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head, n_embd=self.n_embd,
+                    dropout=self.dropout, bias=self.bias, pos_embedding=self.pos_embedding,
+                    activation=self.activation, tie_embeddings=self.tie_embeddings)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -119,4 +119,3 @@ PRESETS = {
 
 class TrainError(RuntimeError):
     """The run cannot go on (non-finite loss, unusable checkpoint, bad geometry)."""
-
