@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+
 class KVCache:
     """Keys and values of every layer for generation: per layer two (B, max_len, Hkv, D) buffers,
     allocated once (at the first write, in the dtype the projections produce, e.g. under autocast)
