@@ -3,7 +3,9 @@
 One full training step (next batch from the memory-mapped token loader -> H2D copy -> forward
 with bf16 autocast -> backward -> fused AdamW step) of the same GPT, in one process, for:
 
-  gptkernels   gptkernels.model.GPT, default backend (our CUDA kernels where they apply), no compile
+  gptkernels   gptkernels.GPT, default backend (our CUDA kernels where they apply), no compile;
+               its loss runs through linear_cross_entropy, so the (B*T, 50304) logits and their
+               gradient never exist in full (the baselines hold them: see peak_mem_gib)
   eager        `NanoGPT` below: a plain nanoGPT-style module in PyTorch eager: nn.LayerNorm,
                F.scaled_dot_product_attention (causal), nn.Linear + nn.GELU(tanh), F.cross_entropy.
                (Written out here rather than gptkernels.backend("reference"): our attention
@@ -102,7 +104,7 @@ class _Block(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    """GPT-2 in plain PyTorch; parameter names match gptkernels.model.GPT (mlp.fc / mlp.proj)."""
+    """GPT-2 in plain PyTorch; parameter names match gptkernels.GPT (mlp.fc / mlp.proj)."""
 
     def __init__(self, n_layer, n_head, n_embd, vocab_size, block_size):
         super().__init__()
@@ -127,7 +129,7 @@ def _make_dataset(tmp: str, n_tokens: int, vocab: int, seed: int = 0) -> str:
     """A one-shard dataset of random tokens, so every step goes through the real loader."""
     import json
 
-    from gptkernels import data
+    from gptkernels.gpt import data
     rng = np.random.default_rng(seed)
     shard = data.write_shard(os.path.join(tmp, "train_000000.bin"), rng.integers(0, vocab, n_tokens), vocab)
     meta = {"format": data.META_FORMAT, "version": 1, "vocab_size": vocab, "eos_id": 0, "tokenizer": "tokenizer.json",
@@ -140,9 +142,9 @@ def _make_dataset(tmp: str, n_tokens: int, vocab: int, seed: int = 0) -> str:
 def run_provider(provider: str, model_name: str, init_state: dict, flops_per_token: float, data_dir: str,
                  device: torch.device, steps: int, warmup: int, compile_backend: str, log=print) -> dict:
     import gptkernels
-    from gptkernels import data
-    from gptkernels.model import GPT, GPTConfig
-    from gptkernels.train import peak_flops
+    from gptkernels.gpt import data
+    from gptkernels import GPT, GPTConfig
+    from gptkernels.gpt.device import peak_flops
 
     mkw, B = MODELS[model_name]
     T = mkw["block_size"]
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stem", default=None, help="output file stem (default e2e-train-<gpu>-<date>)")
     args = ap.parse_args(argv)
 
-    from gptkernels.model import GPT, GPTConfig
+    from gptkernels import GPT, GPTConfig
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     models = [m.strip() for m in (args.models or ("gpt2-124m,gpt2-350m" if cuda else "cpu-tiny")).split(",") if m]

@@ -1,4 +1,4 @@
-from gptkernels.cli import main
+from gptkernels.gpt.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

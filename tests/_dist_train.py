@@ -6,7 +6,7 @@ import sys
 
 import torch.distributed as dist
 
-from gptkernels.train import TrainConfig, train
+from gptkernels.gpt.train import TrainConfig, train
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

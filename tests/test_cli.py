@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gptkernels.cli import main
+from gptkernels.gpt.cli import main
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import make_tiny_dataset  # noqa: E402
@@ -124,7 +124,7 @@ def test_prepare_train_generate(tiny_data, tiny_run, tmp_path, capsys):
 
 def test_generate_from_hugging_face_gpt2_folder(tiny_data, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from gptkernels.tokenizer import Tokenizer
+    from gptkernels.gpt.tokenizer import Tokenizer
     tok = Tokenizer.load(tiny_data)
     cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                   bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
@@ -170,7 +170,7 @@ def test_finetune_on_jsonl_and_csv(tiny_run, tmp_path, capsys):
 
 
 def test_finetune_bundled_set_is_real_local_text():
-    from gptkernels.finetune import DEFAULT_PACKAGES, bundled_labelled_set
+    from gptkernels.gpt.finetune import DEFAULT_PACKAGES, bundled_labelled_set
     train, evals = bundled_labelled_set()
     assert {lab for _, lab in train} == set(DEFAULT_PACKAGES) == {lab for _, lab in evals}
     assert len(train) > 1000 and len(evals) > 200

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptkernels import data
-from gptkernels.data import DataError
-from gptkernels.tokenizer import Tokenizer
+from gptkernels.gpt import data
+from gptkernels.gpt.data import DataError
+from gptkernels.gpt.tokenizer import Tokenizer
 
 DOCS = [
     "def f(x):\n    return x * 2  # doubles\n",
@@ -92,7 +92,8 @@ def test_single_document_still_gets_a_val_split(tmp_path):
 def test_large_file_read_in_blocks(tmp_path, monkeypatch):
     """Files bigger than the read block stream in newline-cut pieces (and at UTF-8 character
     boundaries when a line is longer than the block); the text still comes back exactly."""
-    monkeypatch.setattr(data, "_READ_BLOCK", 64)
+    from gptkernels.gpt.data import corpus
+    monkeypatch.setattr(corpus, "_READ_BLOCK", 64)
     text = "".join(f"línea {i} — 日本 🎉\n" for i in range(50)) + "x€" * 200 + "\nend"
     f = tmp_path / "big.txt"
     f.write_text(text, encoding="utf-8")
@@ -192,7 +193,7 @@ def test_input_errors(tmp_path):
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     f = tmp_path / "latin1.txt"
     f.write_bytes("café\n".encode("latin-1"))
-    st = data._Stats()
+    st = data.CorpusStats()
     docs = list(data.iter_documents([str(f)], stats=st))
     assert docs == ["caf\ufffd\n"] and st.invalid_utf8_files == 1
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import e2e_train
-from gptkernels.model import GPT, GPTConfig
+from gptkernels import GPT, GPTConfig
 
 
 def test_baseline_is_the_same_model():

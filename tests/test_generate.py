@@ -8,7 +8,7 @@ import torch
 
 import gptkernels
 from gptkernels import GPT, GPTConfig
-from gptkernels.model import KVCache, pad_prompts, sample_next
+from gptkernels.gpt.generate import KVCache, pad_prompts, sample_next
 
 V = 53
 

@@ -208,6 +208,27 @@ def test_linear_ce_functional_cpu_matches_torch(reduction):
     torch.testing.assert_close(loss, ref)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_ce_reference_in_chunks_matches_torch(reduction):
+    """The reference path in row chunks (checkpointed, recomputed in the backward): loss and every
+    gradient equal torch's unchunked computation; chunk 4 over 11 rows leaves a short last chunk,
+    ignored rows count nowhere, all-ignored "mean" is nan as in torch."""
+    x = torch.randn(11, 16, requires_grad=True)
+    w, b = torch.randn(13, 16, requires_grad=True), torch.randn(13, requires_grad=True)
+    t = targets(11, 13)
+    t[[0, 5, 6]] = -100
+    loss = GF.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=4)
+    ref = torch_linear_ce(x, w, b, t, reduction)
+    torch.testing.assert_close(loss, ref)
+    for a, e in zip(torch.autograd.grad(loss * 1.5, (x, w, b)), torch.autograd.grad(ref * 1.5, (x, w, b))):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        torch.testing.assert_close(GF.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=4), ref)
+    all_ignored = torch.full((11,), -100)
+    out = GF.linear_cross_entropy(x, w, all_ignored, b, reduction=reduction, chunk_size=4)
+    torch.testing.assert_close(out, torch_linear_ce(x, w, b, all_ignored, reduction), equal_nan=True)
+
+
 def test_linear_ce_bad_input_and_chunk_default():
     x, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(ValueError, match="target: expected shape"):

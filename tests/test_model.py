@@ -1,4 +1,4 @@
-"""The GPT model (gptkernels/model.py) on CPU: config, forward and loss against a plain-PyTorch
+"""The GPT model (gptkernels/gpt/model.py) on CPU: config, forward and loss against a plain-PyTorch
 implementation, initialisation, sizes, bad input, training of the variants; kernel-vs-reference
 parity on CUDA (marked cuda)."""
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import gptkernels
 from gptkernels import GPT, GPTConfig
-from gptkernels.model import sinusoidal_positions
+from gptkernels.gpt.model import sinusoidal_positions
 
 from helpers import UNIT_ROUNDOFF
 
@@ -100,15 +100,24 @@ def test_forward_matches_plain_torch(kw):
 
 
 def test_loss_is_cross_entropy_with_ignore_index():
-    model = GPT(tiny_config())
+    """With targets the loss comes from the hidden states through linear_cross_entropy (no logits
+    returned); it and its gradients equal torch's cross-entropy of the full logits."""
+    model = GPT(tiny_config(tie_embeddings=False))
+    randomize_norms(model)
     idx = torch.randint(0, 61, (2, 9))
     targets = torch.randint(0, 61, (2, 9))
     targets[0, :4] = -100
     logits, loss = model(idx, targets)
-    expected = F.cross_entropy(logits.reshape(-1, 61), targets.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(loss, expected)
+    assert logits is None
     loss.backward()
-    assert model.transformer.wte.weight.grad is not None
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    full, _ = model(idx)
+    expected = F.cross_entropy(full.reshape(-1, 61), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    expected.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_reference_backend_gives_the_same_on_cpu():
@@ -124,7 +133,7 @@ def test_qkv_views_are_bshd_without_copies():
     """The attention receives q, k, v as strided views of the fused projection's output."""
     model = GPT(tiny_config(n_kv_head=2))
     seen = {}
-    import gptkernels.model as M
+    import gptkernels.gpt.model as M
 
     orig = M.flash_attention
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from gptkernels.tokenizer import EOS_TOKEN, Tokenizer, TokenizerError
+from gptkernels.gpt.tokenizer import EOS_TOKEN, Tokenizer, TokenizerError
 
 CORPUS = [
     "def hello(name):\n    return f'hello {name}'\n",

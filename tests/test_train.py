@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 
-from gptkernels import data
-from gptkernels.train import (CosineSchedule, TrainConfig, TrainError, load_checkpoint, make_optimizer, train)
+from gptkernels.gpt import data
+from gptkernels.gpt.checkpoint import CheckpointError, load_checkpoint
+from gptkernels.gpt.optim import CosineSchedule, adamw
+from gptkernels.gpt.train import TrainConfig, TrainError, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import make_tiny_dataset, read_metrics, tiny_cfg  # noqa: E402
@@ -133,7 +135,7 @@ def test_checkpoint_contents_are_plain_data(tiny_data, tmp_path):
     recs = read_metrics(str(tmp_path / "run"))
     assert recs[0]["event"] == "start" and recs[-1]["event"] == "end"
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(recs[1])
-    with pytest.raises(TrainError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         with open(path, "r+b") as f:
             f.truncate(100)
         load_checkpoint(path)
@@ -179,10 +181,10 @@ def test_config_errors(tiny_data, tmp_path):
 
 
 def test_schedule_and_weight_decay_groups():
-    from gptkernels.model import GPT, GPTConfig
+    from gptkernels import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, torch.device("cpu"), betas=(cfg.beta1, cfg.beta2))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -216,3 +218,37 @@ def test_cuda_training_kernels_match_reference_and_learn(tiny_data, tmp_path):
     assert part.step == 10 and rest.step == 30
     for s in range(11, 31):
         assert rest.losses[s] == pytest.approx(ker.losses[s], rel=1e-2, abs=1e-2)
+
+
+def test_fsdp_shards_each_block_as_a_unit():
+    """FSDP2 in one gloo process: every Block is its own fully_shard unit (it applies only its own
+    LayerNorms), the root is one too, and a training step gives the unsharded model's loss and
+    gradients."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from gptkernels import GPT, GPTConfig
+    from gptkernels.gpt.train.run_setup import _shard
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=16))
+    sharded = copy.deepcopy(plain)
+    idx, tgt = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _shard(TrainConfig(fsdp=True), sharded)
+        assert isinstance(sharded, FSDPModule)
+        assert all(isinstance(b, FSDPModule) for b in sharded.transformer.h)
+        assert not any(isinstance(m, FSDPModule) for b in sharded.transformer.h for m in b.modules() if m is not b)
+        _, loss = sharded(idx, tgt)
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    _, ref = plain(idx, tgt)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)

@@ -1,8 +1,8 @@
 """Shared by the training / CLI tests: a tiny dataset made from a few standard-library files."""
 import os
 
-from gptkernels import data
-from gptkernels.train import TrainConfig
+from gptkernels.gpt import data
+from gptkernels.gpt.train import TrainConfig
 
 
 def make_tiny_dataset(out: str, n_files: int = 24, vocab_size: int = 512) -> str:

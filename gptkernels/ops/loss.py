@@ -22,7 +22,8 @@ skipped (bad targets still give a NaN loss). Set with set_target_check() or GPTK
 
 linear_cross_entropy(x, weight, target, ...) fuses the LM head: the kernel path computes the logits
 chunk by chunk (cuBLASLt), overwrites each chunk with its gradient in place, and accumulates dx and
-dW, so the [N, V] logits never exist (csrc/loss/cross_entropy_binding.cpp).
+dW, so the [N, V] logits never exist (csrc/loss/cross_entropy_binding.cpp). Off the kernel it runs
+in row chunks too (checkpointed, see _reference_in_chunks), so it never holds them either.
 
 Paths (gptkernels._backend): the kernels (limits in csrc/loss/loss_limits.h); otherwise, on a GPU and
 on the CPU alike, torch's F.cross_entropy on fp32 logits, which is also the reference (and, for
@@ -396,9 +397,38 @@ def _linear_cross_entropy_kernel(x2, weight, bias, t2, ignore_index, reduction, 
 
 
 def _linear_cross_entropy_unfused(x2, weight, bias, t2, ignore_index, reduction, chunk_size):
+    n, ref_chunk = x2.shape[0], chunk_size or default_chunk_size(x2.shape[0], weight.shape[0], _REF_BYTES_PER_LOGIT)
+    if reduction != "none" and n > ref_chunk:
+        return _reference_in_chunks(x2, weight, bias, t2, ignore_index, reduction, ref_chunk)
     return cross_entropy(F.linear(x2, weight, bias), t2, ignore_index, reduction)
 
 
 # What each path runs: off the kernel, F.linear then cross_entropy (whose own kernel may still run).
 LINEAR_CROSS_ENTROPY = {"kernel": _linear_cross_entropy_kernel, "torch": _linear_cross_entropy_unfused,
                         "reference": _linear_cross_entropy_unfused}
+
+
+# The reference keeps about four fp32 copies of a chunk's logits alive (logits, log-softmax and
+# their gradients), so its chunks take a quarter of the rows of default_chunk_size's fp32 budget.
+_REF_BYTES_PER_LOGIT = 16
+
+
+def _reference_in_chunks(x2, weight, bias, t2, ignore_index: int, reduction: str, chunk: int):
+    """The reference path over row chunks: each chunk's logits live inside a checkpointed segment
+    (recomputed, one chunk at a time, in the backward), so neither the (N, V) logits nor their
+    gradient ever exist in full. Per row the same math as the unchunked reference; the chunk
+    sums are added, then divided by the number of non-ignored rows for "mean"."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(xc, tc):
+        return cross_entropy(F.linear(xc, weight, bias), tc, ignore_index, "sum")
+
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias))
+    total = None
+    for i in range(0, x2.shape[0], chunk):
+        xc, tc = x2[i:i + chunk], t2[i:i + chunk]
+        c = checkpoint(part, xc, tc, use_reentrant=False) if grad else part(xc, tc)
+        total = c if total is None else total + c
+    if reduction == "mean":
+        total = total / (t2 != ignore_index).sum()
+    return total

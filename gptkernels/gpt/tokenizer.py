@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable
+
+from gptkernels.gpt.atomic import AtomicFile
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -106,10 +108,9 @@ class Tokenizer:
             return cls.from_json_str(f.read(), eos_token)
 
     def save(self, path: str) -> None:
-        """Write tokenizer.json (readable by `tokenizers` and Hugging Face transformers)."""
-        tmp = path + ".tmp"
-        self._tok.save(tmp)
-        os.replace(tmp, path)
+        """Write tokenizer.json (readable by `tokenizers` and Hugging Face transformers), atomically."""
+        with AtomicFile(path) as f:
+            f.write(self._tok.to_str(pretty=True).encode("utf-8"))
 
     def to_json_str(self) -> str:
         return self._tok.to_str()
@@ -156,15 +157,3 @@ def _guess_eos(tok) -> str:
         return specials[0]
     raise TokenizerError(f"cannot tell which token ends a document (special tokens: {specials}); "
                          "pass eos_token explicitly")
-
-
-def iter_batches(it: Iterable, n: int) -> Iterator[list]:
-    """Group an iterator into lists of n."""
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

@@ -17,6 +17,18 @@ import sys
 import time
 import zlib
 
+import torch
+
+from gptkernels.gpt.checkpoint import load_model, save_atomic
+from gptkernels.gpt.classifier import GPTForSequenceClassification
+from gptkernels.gpt.config import GPTConfig, pad_vocab
+from gptkernels.gpt.data import stdlib_dir
+from gptkernels.gpt.device import autocast
+from gptkernels.gpt.generate import pad_prompts
+from gptkernels.gpt.model import GPT
+from gptkernels.gpt.optim import CosineSchedule, adamw
+from gptkernels.gpt.tokenizer import Tokenizer
+
 DEFAULT_PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "unittest", "xml")
 DEFAULT_SET_DESCRIPTION = (
     "Without --data it uses a bundled labelled set built from local real text: 12-line snippets of the "
@@ -34,7 +46,6 @@ class FinetuneError(ValueError):
 def bundled_labelled_set(lines_per_snippet: int = 12, max_per_class: int = 400, seed: int = 0):
     """(train, eval): lists of (text, label) from the standard library's packages. A file goes to
     eval when crc32(its path inside the package) % 5 == 0 (at least one file per class each way)."""
-    from gptkernels.data import stdlib_dir
     root = stdlib_dir()
     train, evals = [], []
     for pkg in DEFAULT_PACKAGES:
@@ -101,17 +112,11 @@ def read_labelled(path: str, text_field: str = "text", label_field: str = "label
 
 def _load_body(init: str | None, train_texts, block_size: int, seed: int, log):
     """(GPT, tokenizer, where-from) for the classifier's body."""
-    import torch
-
-    from gptkernels.model import GPT, GPTConfig
-    from gptkernels.tokenizer import Tokenizer
     if init is None:
         tok = Tokenizer.train(iter(train_texts), vocab_size=1024)
         torch.manual_seed(seed)
-        cfg = GPTConfig(vocab_size=(tok.vocab_size + 63) // 64 * 64, block_size=block_size, n_layer=4, n_head=4,
-                        n_embd=128)
+        cfg = GPTConfig(vocab_size=pad_vocab(tok.vocab_size), block_size=block_size, n_layer=4, n_head=4, n_embd=128)
         return GPT(cfg), tok, "a fresh 4-layer GPT (no --init), tokenizer trained on the training texts"
-    from gptkernels.cli import load_model
     gpt, tok, kind = load_model(init, "cpu")
     return gpt, tok, f"{'Hugging Face GPT-2' if kind == 'hf' else 'checkpoint'} {init}"
 
@@ -128,29 +133,23 @@ def _encode(tok, texts, max_len: int, prepend_eos: bool):
 
 
 def _batches(ids, labels, B, shuffle_seed=None):
-    import torch
+    """(x right-padded, lengths, labels) batches of B examples, shuffled when shuffle_seed is given."""
     order = list(range(len(ids)))
     if shuffle_seed is not None:
         g = torch.Generator().manual_seed(shuffle_seed)
         order = torch.randperm(len(ids), generator=g).tolist()
     for i in range(0, len(order), B):
         sel = order[i:i + B]
-        L = max(len(ids[j]) for j in sel)
-        x = torch.zeros(len(sel), L, dtype=torch.long)
-        lens = torch.tensor([len(ids[j]) for j in sel])
-        for r, j in enumerate(sel):
-            x[r, :len(ids[j])] = torch.tensor(ids[j])
+        x, lens = pad_prompts([ids[j] for j in sel])
         yield x, lens, torch.tensor([labels[j] for j in sel])
 
 
 def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3, batch_size: int = 16,
              lr: float = 3e-4, weight_decay: float = 0.01, max_len: int = 128, freeze_body: bool = False,
              device: str = "cpu", seed: int = 0, out: str | None = None, log=None) -> dict:
-    """Train a classifier; returns {"accuracy", "majority_baseline", "labels", "n_train", "n_eval", ...}."""
-    import torch
-
-    from gptkernels.model import GPTForSequenceClassification
-    from gptkernels.train import CosineSchedule
+    """Train a classifier; returns {"accuracy", "majority_baseline", "labels", "n_train", "n_eval", ...}.
+    device: a torch.device or its name ("cpu", "cuda", "cuda:N")."""
+    device = torch.device(device)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if eval_set is None:  # hold out a deterministic 20%
         held = [zlib.crc32(t.encode()) % 5 == 0 for t, _ in train_set]
@@ -181,13 +180,10 @@ def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3,
         f"{' (frozen)' if freeze_body else ''}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                            lr=lr, **({"fused": True} if device.startswith("cuda") else {}))
+    opt = adamw(params, lr, weight_decay, device)
     steps = epochs * math.ceil(len(Xtr) / batch_size)
     sched = CosineSchedule(opt, lr, max(1, steps // 20), steps, 0.1)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null())
+    amp = autocast(device)
 
     def accuracy():
         model.eval()
@@ -223,60 +219,8 @@ def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3,
            "seconds": time.time() - t0, "body": where}
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-        tmp = out + ".tmp"
-        torch.save({"format": "gptkernels-classifier", "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "model_config": gpt.config.to_dict(), "labels": labels, "pad_token_id": tok.eos_id,
-                    "tokenizer": tok.to_json_str(), "accuracy": res["accuracy"]}, tmp)
-        os.replace(tmp, out)
+        save_atomic({"format": "gptkernels-classifier", "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "model_config": gpt.config.to_dict(), "labels": labels, "pad_token_id": tok.eos_id,
+                     "tokenizer": tok.to_json_str(), "accuracy": res["accuracy"]}, out)
         res["checkpoint"] = out
     return res
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-
-def add_arguments(p, positive_int, nonneg_float):
-    p.add_argument("--data", help="training examples: .jsonl ({text, label} per line) or .csv (text,label header); "
-                                  "default: the bundled standard-library set")
-    p.add_argument("--eval-data", help="evaluation examples (default: 20%% of --data held out)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--init", help="body to start from: a pretraining checkpoint (ckpt.pt or its run folder) or a "
-                                  "Hugging Face GPT-2 folder (default: a fresh small GPT)")
-    p.add_argument("--epochs", type=positive_int, default=3)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--lr", type=nonneg_float, default=3e-4)
-    p.add_argument("--max-len", type=positive_int, default=128, help="tokens per example (longer ones are cut)")
-    p.add_argument("--freeze-body", action="store_true", help="train only the classification head")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="save the fine-tuned classifier here (.pt)")
-
-
-def main(args) -> int:
-    import torch
-    if args.data is None:
-        if args.eval_data:
-            raise FinetuneError("--eval-data needs --data")
-        train_set, eval_set = bundled_labelled_set(seed=args.seed)
-        print(f"data: the bundled set ({DEFAULT_SET_DESCRIPTION.split(': ', 1)[1]})", file=sys.stderr)
-    else:
-        train_set = read_labelled(args.data, args.text_field, args.label_field)
-        eval_set = read_labelled(args.eval_data, args.text_field, args.label_field) if args.eval_data else None
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {device}: no CUDA device is available")
-    res = finetune(train_set, eval_set, init=args.init, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   max_len=args.max_len, freeze_body=args.freeze_body, device=device, seed=args.seed, out=args.out)
-    print(f"accuracy: {100 * res['accuracy']:.1f}% on {res['n_eval']} held-out examples, {len(res['labels'])} classes "
-          f"(majority-class baseline {100 * res['majority_baseline']:.1f}%)")
-    return 0

@@ -10,6 +10,8 @@ import dataclasses
 import os
 import sys
 
+from gptkernels.gpt.device import DEVICE_HELP
+
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 
@@ -52,7 +54,7 @@ def _cmd_info(args) -> int:
 # ---- prepare ---------------------------------------------------------------------------------
 
 def _cmd_prepare(args) -> int:
-    from gptkernels.data import prepare
+    from gptkernels.gpt.data import prepare
     if args.tokenizer and args.vocab_size is not None:
         raise ValueError("--vocab-size and --tokenizer exclude each other (the tokenizer fixes the vocabulary)")
     prepare(args.inputs, args.out, vocab_size=args.vocab_size or 8192, tokenizer=args.tokenizer,
@@ -104,7 +106,7 @@ _TRAIN_HELP = {
     "progress": "tqdm progress bar (else a line per log interval)", "out_dir": "run folder (checkpoint, metrics, plot)",
     "ckpt_interval": "checkpoint every N steps", "resume": "continue from out_dir/ckpt.pt",
     "stop_at": "stop (with a checkpoint) after this step, as if interrupted",
-    "device": "auto, cpu, cuda or cuda:N", "dtype": "auto (bf16 autocast on GPU), float32 or bfloat16",
+    "device": DEVICE_HELP, "dtype": "auto (bf16 autocast on GPU), float32 or bfloat16",
     "backend": "gptkernels ops: auto, kernel or reference", "compile": "torch.compile the model",
     "compile_mode": "torch.compile mode (e.g. reduce-overhead: CUDA graphs, max-autotune)",
     "fsdp": "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)",
@@ -114,7 +116,7 @@ _TRAIN_HELP = {
 
 
 def _add_train(sub):
-    from gptkernels.train import PRESETS, TrainConfig
+    from gptkernels.gpt.train import PRESETS, TrainConfig
     p = sub.add_parser("train", help="pretrain a GPT (one process, or under torchrun for many GPUs/nodes)",
                        description="Pretrain a GPT with the next-token objective. Options left out come from "
                                    "--preset. Without --data: the bundled Python-stdlib corpus. Multi-GPU: torchrun --nproc_per_node=8 "
@@ -150,7 +152,7 @@ def _add_train(sub):
 
 
 def _cmd_train(args) -> int:
-    from gptkernels.train import TrainConfig, train
+    from gptkernels.gpt.train import TrainConfig, train
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     if args.data is not None and not os.path.exists(args.data):
@@ -168,51 +170,12 @@ def _cmd_train(args) -> int:
 
 # ---- generate --------------------------------------------------------------------------------
 
-def load_model(source: str, device: str = "cpu"):
-    """(model, tokenizer, kind) from a training checkpoint (ckpt.pt or its run folder) or a Hugging
-    Face GPT-2 folder (config.json + model.safetensors / pytorch_model.bin + tokenizer files)."""
-    import json
-
-    import torch
-
-    from gptkernels.model import GPT, GPTConfig
-    from gptkernels.tokenizer import Tokenizer
-    from gptkernels.train import load_checkpoint
-
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"no such checkpoint or model folder: {source}")
-    hf_config = os.path.join(source, "config.json") if os.path.isdir(source) else None
-    if hf_config and os.path.isfile(hf_config) and not os.path.isfile(os.path.join(source, "ckpt.pt")):
-        with open(hf_config) as f:
-            mt = json.load(f).get("model_type")
-        if mt != "gpt2":
-            raise ValueError(f"{source}: a Hugging Face model of type {mt!r}; only GPT-2 checkpoints are supported")
-        if not hasattr(GPT, "from_pretrained"):
-            raise ValueError("this build's GPT has no from_pretrained")
-        model = GPT.from_pretrained(source)
-        tok = Tokenizer.load(source)
-        kind = "hf"
-    else:
-        ck = load_checkpoint(source)
-        model = GPT(GPTConfig.from_dict(ck["model_config"]))
-        model.load_state_dict(ck["model"])
-        tok = Tokenizer.from_json_str(ck["tokenizer"])
-        kind = "ckpt"
-    return model.to(torch.device(device)).eval(), tok, kind
-
-
-def _resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available")
-    return name
-
-
 def _cmd_generate(args) -> int:
     import torch
-    device = _resolve_device(args.device)
+
+    from gptkernels.gpt.checkpoint import load_model
+    from gptkernels.gpt.device import autocast, resolve_device
+    device = resolve_device(args.device)
     model, tok, kind = load_model(args.source, device)
     prompt_ids = tok.encode(args.prompt)
     prepended = kind == "ckpt" or not prompt_ids
@@ -223,9 +186,7 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"--prompt: {len(prompt_ids)} tokens, the model's context is {T}")
     n = min(args.max_new_tokens, T - len(prompt_ids))
     idx = torch.tensor([prompt_ids] * args.num_samples, device=device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and torch.cuda.is_bf16_supported()
-           else _null())
-    with torch.no_grad(), amp:
+    with autocast(device):
         out = model.generate(idx, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token_id=tok.eos_id if args.stop_at_eos else None, seed=args.seed)
     for i, row in enumerate(out.tolist()):
@@ -237,14 +198,6 @@ def _cmd_generate(args) -> int:
             print(f"--- sample {i + 1} ---")
         print(tok.decode(ids))
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _add_generate(sub):
@@ -260,19 +213,52 @@ def _add_generate(sub):
     p.add_argument("--num-samples", type=_positive_int, default=1)
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="end a sample at the end-of-text token")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(fn=_cmd_generate)
 
 
 # ---- finetune --------------------------------------------------------------------------------
 
 def _add_finetune(sub):
-    from gptkernels import finetune as ft
+    from gptkernels.gpt import finetune as ft
     p = sub.add_parser("finetune", help="train a classification head on labelled text; reports accuracy",
                        description=ft.__doc__.split("\n\n")[0] + " " + ft.DEFAULT_SET_DESCRIPTION,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ft.add_arguments(p, _positive_int, _nonneg_float)
-    p.set_defaults(fn=lambda a: ft.main(a))
+    p.add_argument("--data", help="training examples: .jsonl ({text, label} per line) or .csv (text,label header); "
+                                  "default: the bundled standard-library set")
+    p.add_argument("--eval-data", help="evaluation examples (default: 20%% of --data held out)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--init", help="body to start from: a pretraining checkpoint (ckpt.pt or its run folder) or a "
+                                  "Hugging Face GPT-2 folder (default: a fresh small GPT)")
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--lr", type=_nonneg_float, default=3e-4)
+    p.add_argument("--max-len", type=_positive_int, default=128, help="tokens per example (longer ones are cut)")
+    p.add_argument("--freeze-body", action="store_true", help="train only the classification head")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="save the fine-tuned classifier here (.pt)")
+    p.set_defaults(fn=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    from gptkernels.gpt import finetune as ft
+    from gptkernels.gpt.device import resolve_device
+    if args.data is None:
+        if args.eval_data:
+            raise ft.FinetuneError("--eval-data needs --data")
+        train_set, eval_set = ft.bundled_labelled_set(seed=args.seed)
+        print(f"data: the bundled set ({ft.DEFAULT_SET_DESCRIPTION.split(': ', 1)[1]})", file=sys.stderr)
+    else:
+        train_set = ft.read_labelled(args.data, args.text_field, args.label_field)
+        eval_set = ft.read_labelled(args.eval_data, args.text_field, args.label_field) if args.eval_data else None
+    res = ft.finetune(train_set, eval_set, init=args.init, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, max_len=args.max_len, freeze_body=args.freeze_body,
+                      device=resolve_device(args.device), seed=args.seed, out=args.out)
+    print(f"accuracy: {100 * res['accuracy']:.1f}% on {res['n_eval']} held-out examples, {len(res['labels'])} classes "
+          f"(majority-class baseline {100 * res['majority_baseline']:.1f}%)")
+    return 0
 
 
 # ---- bench -----------------------------------------------------------------------------------
@@ -287,7 +273,7 @@ def _add_bench(sub):
 
 def _cmd_bench(args) -> int:
     import importlib
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.isdir(os.path.join(root, "benchmarks")):
         raise FileNotFoundError(f"benchmarks/ not found next to the package ({root}); run from a source checkout")
     if root not in sys.path:
@@ -313,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gptkernels.data import DataError
-    from gptkernels.tokenizer import TokenizerError
-    from gptkernels.train import TrainError
+    from gptkernels.gpt.data import DataError
+    from gptkernels.gpt.tokenizer import TokenizerError
+    from gptkernels.gpt.train import TrainError
     try:
         return args.fn(args)
     except KeyboardInterrupt:
