@@ -6,6 +6,7 @@ import platform
 import torch
 
 from gptkernels import _backend
+from gptkernels._selftest import state as _selftest_state
 
 # The ops each public function runs on the kernel path; info() reports whether each has a
 # CUDA implementation in the built extension.
@@ -63,5 +64,7 @@ def info(file=None) -> dict:
                                             " (backend=reference)" if has and d["backend"] == "reference" else
                                             "" if has else " (not in the extension)")
         lines.append(f"  {name:<28} {where}{why}")
+    d["selftest"] = _selftest_state.summary()
+    lines += d["selftest"].pop("lines")
     print("\n".join(lines), file=file)
     return d

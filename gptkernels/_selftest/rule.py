@@ -7,8 +7,9 @@ PyTorch in the kernel's low precision. The kernel passes when
     max|got - ref|  <=  2 * max|base - ref|  +  floor_ulps * u(dtype) * max(max|ref|, min_scale)
 
 u is the unit roundoff of the storage dtype. The floor covers outputs that torch's low-precision
-math happens to get exactly right (its error 0). A NaN in `got` fails (the error is NaN); infinities
-of the same sign in `got` and `ref` count as equal (e.g. the -inf log-sum-exp of a fully masked row).
+math happens to get exactly right (its error 0); for an all-zero reference its scale is 1. A NaN in
+`got` fails (the error is NaN); infinities of the same sign in `got` and `ref` count as equal (e.g.
+the -inf log-sum-exp of a fully masked row).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def max_abs(t: torch.Tensor) -> float:
 def baseline_bound(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, floor_ulps: float = 2.0,
                    min_scale: float = 0.0) -> float:
     """The largest error allowed for a kernel result stored in `dtype` (see the module docstring)."""
-    return 2.0 * max_err(base, ref) + floor_ulps * UNIT_ROUNDOFF[dtype] * max(max_abs(ref), min_scale)
+    scale = max(max_abs(ref), min_scale) or 1.0
+    return 2.0 * max_err(base, ref) + floor_ulps * UNIT_ROUNDOFF[dtype] * scale
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, floor_ulps: float = 2.0,

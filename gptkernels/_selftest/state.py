@@ -280,3 +280,31 @@ _UNSET = object()
 
 
 VERIFIER = Verifier()
+
+
+def summary(device=None, verifier: Verifier | None = None) -> dict:
+    """The self-test state for `gptkernels info`: {"mode", "gpu", "families": {name: text}, "lines"}."""
+    verifier = verifier or VERIFIER
+    try:
+        mode = shown = verifier.mode()
+    except ValueError:
+        mode, shown = None, f"{os.environ.get(ENV)!r}, INVALID: expected {', '.join(MODES)}; the first kernel call raises"
+    out = {"mode": mode, "gpu": None, "families": {}}
+    if device is None and not (torch.cuda.is_available() and _backend.EXT_LOADED):
+        why = "no CUDA device" if not torch.cuda.is_available() else "the extension is not built"
+        out["lines"] = [f"self-test (GPTKERNELS_SELFTEST={shown}): nothing to check ({why})"]
+        return out
+    device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
+    ident = verifier.identity(device)
+    out["gpu"] = ident.label()
+    for name, v in verifier.states(device).items():
+        if v is None:
+            text = "not checked yet (its quick check runs at its first kernel call)"
+        elif v.get("ok"):
+            text = f"passed ({'full self-test' if v.get('scope') == 'full' else 'quick check'}, {v.get('time')})"
+        else:
+            text = f"FAILED, disabled on this GPU: {v.get('case')}: {v.get('problem')}"
+        out["families"][name] = text + (" [ignored: GPTKERNELS_SELFTEST=off]" if mode == "off" and v else "")
+    out["lines"] = [f"self-test on {ident.label()} (GPTKERNELS_SELFTEST={shown}; cache {verifier.cache.path(ident)}):"]
+    out["lines"] += [f"  {name:<28} {text}" for name, text in out["families"].items()]
+    return out
