@@ -103,15 +103,22 @@ def test_quick_check_passes_with_the_reference_ops(name):
 @pytest.mark.parametrize("name,op,bad", [
     ("bias_act", "bias_act_bwd", lambda dy, x, b, a: (torch.zeros_like(x), torch.zeros_like(b))),
     ("layer_norm", "layer_norm_fwd", lambda x, w, b, eps: torch.ops.gptkernels.layer_norm_fwd(x, w, None, eps)),
+    ("layer_norm", "add_layer_norm_fwd", lambda r, x, w, b, eps: torch.ops.gptkernels.add_layer_norm_fwd(r, r, w, b, eps)),
     ("cross_entropy", "cross_entropy_scale_grad_", lambda g, s: None),  # the backward forgets to scale
     ("linear_cross_entropy", "linear_cross_entropy_fwd",
      lambda *a: torch.ops.gptkernels.linear_cross_entropy_fwd(*a[:5], "sum", *a[6:])),  # wrong reduction
-    ("mlp", "mlp_fwd", lambda x, w1, b1, w2, b2, act, s: torch.ops.gptkernels.mlp_fwd(x, w1, b1, w2, b2, "relu", s)),
-    ("attention", "flash_attn_fwd", lambda q, k, v, causal, *a: torch.ops.gptkernels.flash_attn_fwd(q, k, v, False, *a)),
+    ("mlp", "mlp_fwd", lambda x, w1, b1, w2, b2, act, s: torch.ops.gptkernels.mlp_fwd(x, w1, b1, w2, None, act, s)),
+    ("attention", "flash_attn_fwd", lambda q, k, v, causal, scale, *a: torch.ops.gptkernels.flash_attn_fwd(
+        q, k, v, causal, scale * 1.05, *a)),
+    ("attention", "flash_attn_bwd", lambda dout, q, k, v, *a: torch.ops.gptkernels.flash_attn_bwd(dout, q, v, k, *a)),
+    ("attention", "flash_attn_decode", lambda q, k, v, causal, scale, layout, kv_lens: torch.ops.gptkernels.flash_attn_fwd(
+        q, k, v, causal, scale, layout, None, False)),  # ignores kv_lens
 ])
 def test_quick_check_catches_a_broken_kernel(name, op, bad):
     results = FAMILIES[name].check(Ops(**{op: bad}), CPU, quick=True)
-    assert any(not r.ok for r in results), [r.problem() for r in results]
+    bad = [r for r in results if not r.ok]
+    assert bad, [r.problem() for r in results]
+    assert all(r.error is None and not r.err <= r.bound for r in bad), [r.problem() for r in bad]  # by the rule
 
 
 def test_a_kernel_that_raises_or_returns_nan_fails_its_case():
