@@ -107,15 +107,20 @@ def selftest(families=None, quick: bool = False, device=None, json_path=None, fi
     t0 = time.perf_counter()
     by_family = {}
     for name in names:
+        t1 = time.perf_counter()
         try:
             with clean_numerics():
                 rs = FAMILIES[name].check(kernels or verifier.kernels or torch.ops.gptkernels, device, quick=quick)
         except torch.cuda.OutOfMemoryError as e:  # says nothing about the kernels: reported, not recorded
-            report.cases.append(CaseResult(name, "-", "-", False, error=f"out of memory: {str(e).splitlines()[0]}"))
-            continue
-        by_family[name] = rs
+            rs = [CaseResult(name, "-", "-", False, error=f"out of memory: {str(e).splitlines()[0]}")]
+        else:
+            by_family[name] = rs
+            report.families[name] = state.verdict(rs, "quick" if quick else "full")
         report.cases += rs
-        report.families[name] = state.verdict(rs, "quick" if quick else "full")
+        if verbose:  # progress: a run that dies in a kernel still shows how far it got
+            bad = sum(not r.ok for r in rs)
+            print(f"  {name}: {len(rs)} cases in {time.perf_counter() - t1:.1f} s, "
+                  f"{'all passed' if not bad else f'{bad} FAILED'}", file=file, flush=True)
     report.seconds = time.perf_counter() - t0
     if report.failures():
         report.status = "fail"
