@@ -348,6 +348,16 @@ def test_out_of_memory_gives_no_verdict(tmp_path):
     assert v.cache.load(FAKE) == {} and v.reason("bias_act", CPU) is None
 
 
+def test_a_check_that_breaks_disables_its_family_without_caching(tmp_path):
+    def broken_check(k, device, quick=False):
+        raise RuntimeError("no such table\nmore")
+
+    fams = {**FAMILIES, "bias_act": dataclasses.replace(FAMILIES["bias_act"], check=broken_check)}
+    v = state.Verifier(identity=lambda d: FAKE, cache=state.Cache(tmp_path), mode="auto", families=fams)
+    assert v.reason("bias_act", CPU) == "failed the self-test on Fake GPU (sm_90): the check: RuntimeError: no such table"
+    assert v.cache.load(FAKE) == {} and v.reason("layer_norm", CPU) is None
+
+
 def test_check_leaves_the_callers_state_alone(tmp_path):
     v = make(tmp_path)
     torch.manual_seed(7)
@@ -355,12 +365,15 @@ def test_check_leaves_the_callers_state_alone(tmp_path):
     torch.manual_seed(7)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert v.reason("mlp", CPU) is None and v.reason("flash_attention", CPU) is None
         assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(False)
     assert torch.equal(torch.rand(3), expected)  # the global RNG did not move
     assert len(v.runs) == 2
 

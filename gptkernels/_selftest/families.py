@@ -145,7 +145,7 @@ def _targets(g, rows, vocab, dev):
 def _cross_entropy(o, k, dev, g, dtype, rows, vocab, red):
     logits = randn(g, (rows, vocab), dtype, dev, 3.0)
     t = _targets(g, rows, vocab, dev)
-    dloss = randn(g, (rows,), torch.float32, dev) if red == "none" else torch.full((), 0.75, device=dev)
+    dloss = randn(g, (rows,), torch.float32, dev) if red == "none" else torch.full((), 0.75, dtype=torch.float32, device=dev)
     poison(dev, 4 * logits.numel() * logits.element_size())
     loss, grad, status = k.cross_entropy_fwd(logits, t, IGNORE, red, True)
     k.cross_entropy_scale_grad_(grad, dloss.reshape(-1).contiguous())  # the backward: in place
@@ -180,7 +180,7 @@ def _linear_cross_entropy(o, k, dev, g, dtype, rows, feats, vocab, bias, chunk, 
     loss, dx, dw, db, status = k.linear_cross_entropy_fwd(x, w, b, t, IGNORE, red, chunk, True)
     sync(dev)
     f = lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t, ignore_index=IGNORE, reduction=red)  # noqa: E731
-    one = torch.ones((), device=dev)
+    one = torch.ones((), dtype=torch.float32, device=dev)
     (l64,), (dx64, dw64, db64) = tm(f, [x, w, b], [one], F64)
     (ll,), (dxl, dwl, dbl) = tm(f, [x, w, b], [one], dtype)
     counts = status.tolist()

@@ -72,7 +72,7 @@ class Outputs:
             raise CheckFailed(message)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -89,7 +89,7 @@ def run_case(family: str, impl: str, case: str, dtype: torch.dtype, fn, floor_ul
     except CheckFailed as e:
         return CaseResult(family, impl, case, False, error=str(e))
     except Exception as e:  # the kernel raised (unsupported GPU, launch failure, ...): a failure
-        return CaseResult(family, impl, case, False, error=_one_line(e))
+        return CaseResult(family, impl, case, False, error=one_line(e))
     if not out.rows:
         return CaseResult(family, impl, case, False, error="no output compared")
     bad = [r for r in out.rows if not r[1] <= r[2]]  # NaN errors are bad
@@ -149,20 +149,24 @@ def poison(device, nbytes: int) -> None:
     large pool, a few below 1 MB for the small pool, which serves outputs under 1 MB)."""
     if torch.device(device).type != "cuda":
         return
-    big = torch.full((max(nbytes, 2 << 20) // 4,), float("nan"), device=device)
-    small = [torch.full(((1 << 18) - 256,), float("nan"), device=device) for _ in range(4)]
+    big = torch.full((max(nbytes, 2 << 20) // 4,), float("nan"), dtype=torch.float32, device=device)
+    small = [torch.full(((1 << 18) - 256,), float("nan"), dtype=torch.float32, device=device) for _ in range(4)]
     del big, small
 
 
 @contextlib.contextmanager
 def clean_numerics():
-    """Run a check with autocast off, grad mode on, outside inference mode and with full-precision
-    fp32 matmuls, whatever the caller had; restore everything afterwards."""
+    """Run a check with autocast off, grad mode on, outside inference mode, with full-precision fp32
+    matmuls and without the deterministic-algorithms switch (a reference op lacking a deterministic
+    implementation must not fail a kernel's check), whatever the caller had; restore it all after."""
     precision = torch.get_float32_matmul_precision()
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
+        torch.use_deterministic_algorithms(False)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
@@ -172,6 +176,7 @@ def clean_numerics():
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def select(cases, quick: bool):

@@ -33,7 +33,7 @@ import torch
 
 from gptkernels import _backend
 from gptkernels._selftest.families import FAMILIES, OP_FAMILY
-from gptkernels._selftest.harness import clean_numerics
+from gptkernels._selftest.harness import clean_numerics, one_line
 
 MODES = ("auto", "off", "force")
 ENV = "GPTKERNELS_SELFTEST"
@@ -251,6 +251,8 @@ class Verifier:
             warnings.warn(f"gptkernels: no memory left to self-test the {family} kernels on {ident.label()}; "
                           "they run unchecked in this process", stacklevel=5)
             return None
+        except Exception as e:  # the check itself broke (not one of its cases): not cached, but not trusted
+            return {"ok": False, "scope": "quick", "case": "the check", "problem": one_line(e)}
         finally:
             self._local.busy = False
         self.runs.append((family, ident.key()))
