@@ -10,9 +10,9 @@ Importing this package installs the verifier as gptkernels._backend's hook.
 """
 from gptkernels import _backend
 from gptkernels._selftest.families import FAMILIES, OP_FAMILY
-from gptkernels._selftest.run import Report, main, selftest
+from gptkernels._selftest.run import Report, add_parser, main, selftest
 from gptkernels._selftest.state import VERIFIER, Verifier
 
 _backend.set_verifier(VERIFIER.reason)
 
-__all__ = ["FAMILIES", "OP_FAMILY", "Report", "VERIFIER", "Verifier", "main", "selftest"]
+__all__ = ["FAMILIES", "OP_FAMILY", "Report", "VERIFIER", "Verifier", "add_parser", "main", "selftest"]

@@ -21,6 +21,10 @@ from gptkernels._selftest.families import FAMILIES
 from gptkernels._selftest.harness import CaseResult, clean_numerics
 
 EXIT_PASS, EXIT_FAIL, EXIT_UNAVAILABLE = 0, 1, 2
+DESCRIPTION = ("Check every kernel family against its reference on this GPU (both half dtypes, forward and "
+               "backward): prints a table, writes a JSON report and stores the verdicts as this GPU's verified "
+               "state. Exit codes: 0 every family passed, 1 a family failed, 2 nothing to test (no CUDA device) "
+               "or bad arguments.")
 
 
 @dataclasses.dataclass
@@ -173,19 +177,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args) -> int:
-    """Run the command for parsed arguments (see add_arguments); returns the exit code."""
-    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
-    device = "cuda" if args.device is None else f"cuda:{args.device}"
-    if args.device is not None and torch.cuda.is_available() and not 0 <= args.device < torch.cuda.device_count():
-        raise ValueError(f"--device: expected an index below {torch.cuda.device_count()}, got {args.device}")
-    report = selftest(families, quick=args.quick, device=device, json_path=args.json, record=not args.no_record)
+    """Run the command for parsed arguments (see add_arguments); returns the exit code. A bad argument
+    is one line on stderr and exit code 2 (1 means a family failed)."""
+    try:
+        families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if args.device is not None and n and not 0 <= args.device < n:
+            raise ValueError(f"--device: expected an index below {n}, got {args.device}")
+        device = "cuda" if args.device is None else f"cuda:{args.device}"
+        report = selftest(families, quick=args.quick, device=device, json_path=args.json, record=not args.no_record)
+    except ValueError as e:
+        print(f"gptkernels selftest: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return {"pass": EXIT_PASS, "fail": EXIT_FAIL}.get(report.status, EXIT_UNAVAILABLE)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the `selftest` subcommand to an argparse subparsers object (gptkernels.cli)."""
     p = sub.add_parser("selftest", help="check every kernel family against its reference on this GPU",
-                       description=__doc__.split("\n\n")[0])
+                       description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(fn=run_args)
     return p
@@ -197,11 +207,6 @@ def main(argv=None) -> int:
         def error(self, message):
             self.exit(EXIT_UNAVAILABLE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    p = _Parser(prog="gptkernels selftest", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="gptkernels selftest", description=DESCRIPTION)
     add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_args(args)
-    except ValueError as e:
-        print(f"gptkernels selftest: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    return run_args(p.parse_args(argv))
