@@ -332,10 +332,11 @@ def test_compiled_code_traces_the_resolved_verdict(tmp_path):
     v._resolved[("cuda", 0, "mlp")] = None
 
     def f(x):
-        return x + (1 if v.reason("bias_act", dev) is None else 2) + (10 if v.reason("mlp", dev) is None else 20)
+        return (x + (1 if v.reason("bias_act", dev) is None else 2) + (10 if v.reason("mlp", dev) is None else 20)
+                + (100 if v.reason("flash_attention", dev) is None else 200))  # unresolved: no check
 
     out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
-    assert out.tolist() == [12.0, 12.0] and v.runs == []
+    assert out.tolist() == [112.0, 112.0] and v.runs == []
 
 
 def test_out_of_memory_gives_no_verdict(tmp_path):
@@ -398,6 +399,15 @@ def test_selftest_report_table_json_and_recorded_verdicts(tmp_path, capsys):
     assert data["families"]["bias_act"]["ok"] is False
     assert v.cache.load(FAKE)["cross_entropy"]["scope"] == "quick"
     assert v.reason("bias_act", CPU) is not None and v.runs == []  # the run's verdicts apply at once
+
+
+def test_a_full_run_replaces_the_verdicts_this_process_resolved(tmp_path):
+    v = make(tmp_path)
+    assert v.reason("bias_act", CPU) is None  # quick check passed
+    v.kernels = BROKEN  # the same process later runs the full self-test, which fails
+    selftest(["bias_act"], device="cpu", verifier=v, verbose=False)
+    assert v.reason("bias_act", CPU).startswith("failed the self-test on Fake GPU")
+    assert v.cache.load(FAKE)["bias_act"]["scope"] == "full"
 
 
 def test_selftest_passes_with_working_kernels(tmp_path, capsys):

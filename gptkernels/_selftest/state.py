@@ -163,6 +163,8 @@ class Cache:
 def verdict(results, scope: str) -> dict:
     """A family's cached verdict from its case results: ok, and the worst case (the first failure,
     else the largest error / bound)."""
+    if not results:
+        raise ValueError("a family's check returned no case")
     bad = [r for r in results if not r.ok]
     ratio = lambda r: (r.err / r.bound) if r.bound else 0.0  # noqa: E731
     worst = bad[0] if bad else max(results, key=ratio)
@@ -247,6 +249,7 @@ class Verifier:
             with clean_numerics():
                 results = self.families[family].check(self.kernels or torch.ops.gptkernels, torch.device(device),
                                                        quick=True)
+            v = verdict(results, "quick")
         except torch.cuda.OutOfMemoryError:
             warnings.warn(f"gptkernels: no memory left to self-test the {family} kernels on {ident.label()}; "
                           "they run unchecked in this process", stacklevel=5)
@@ -256,7 +259,6 @@ class Verifier:
         finally:
             self._local.busy = False
         self.runs.append((family, ident.key()))
-        v = verdict(results, "quick")
         self.cache.store(ident, {family: v})
         return v
 
@@ -264,7 +266,7 @@ class Verifier:
         """Store the verdicts of a full self-test run and apply them in this process."""
         verdicts = {name: verdict(rs, scope) for name, rs in results_by_family.items() if rs}
         with self._lock:
-            for slot in [s for s in self._resolved if s[1] in verdicts]:
+            for slot in [s for s in self._resolved if s[-1] in verdicts]:
                 del self._resolved[slot]
         return self.cache.store(ident, verdicts)
 
