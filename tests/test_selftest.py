@@ -325,18 +325,30 @@ def test_capture_uses_a_cached_verdict(tmp_path, monkeypatch):
     assert make(tmp_path).reason("bias_act", CPU) is not None
 
 
-def test_compiled_code_traces_the_resolved_verdict(tmp_path):
+def test_compiled_code_uses_the_known_verdicts_and_never_checks(tmp_path):
     v = make(tmp_path, BROKEN)
     dev = torch.device("cuda", 0)
-    v._resolved[("cuda", 0, "bias_act")] = "failed"
+    v._resolved[("cuda", 0, "bias_act")] = "failed"  # resolved earlier in this process
     v._resolved[("cuda", 0, "mlp")] = None
+    v.cache.store(FAKE, {"layer_norm": {"ok": False, "case": "c", "problem": "p"}})  # only in the cache
 
     def f(x):
         return (x + (1 if v.reason("bias_act", dev) is None else 2) + (10 if v.reason("mlp", dev) is None else 20)
-                + (100 if v.reason("flash_attention", dev) is None else 200))  # unresolved: no check
+                + (100 if v.reason("layer_norm", dev) is None else 200)
+                + (1000 if v.reason("flash_attention", dev) is None else 2000))  # unknown: runs unchecked
 
     out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
-    assert out.tolist() == [112.0, 112.0] and v.runs == []
+    assert out.tolist() == [1212.0, 1212.0] and v.runs == []
+    assert v.reason("layer_norm", dev) == "failed the self-test on Fake GPU (sm_90): c: p"
+
+
+def test_trace_time_lookup_is_what_assume_constant_result_marks():
+    def g():
+        return None
+
+    torch.compiler.assume_constant_result(g)
+    assert state._known_at_trace_time._dynamo_marked_constant is True
+    assert [k for k in vars(g) if "dynamo" in k] == ["_dynamo_marked_constant"]
 
 
 def test_out_of_memory_gives_no_verdict(tmp_path):

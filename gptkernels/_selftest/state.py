@@ -217,29 +217,43 @@ class Verifier:
         known = self._resolved.get(slot, _UNSET)
         if known is not _UNSET:
             return known
-        if torch.compiler.is_compiling():
-            return None
+        if torch.compiler.is_compiling():  # a constant of the traced graph: the cached verdict, no check
+            return _known_at_trace_time(self, family, device.type, device.index)
         return self._resolve(slot, family, device)
+
+    def known(self, family: str, device, remember: bool = True) -> str | None:
+        """The reason `family` may not run on `device` from the verdicts known without a check (this
+        process's, else the cache's); None if it passed or has no verdict (or the mode is off).
+        remember: keep a verdict read from the cache for the next calls (not while tracing: the
+        traced code's guards watch that dict)."""
+        slot = (device.type, device.index, family)
+        if slot in self._resolved:
+            return self._resolved[slot]
+        mode = self.mode()
+        if mode == "off":
+            why = None
+        else:
+            ident = self.identity(device)
+            v = None if mode == "force" else self.cache.load(ident).get(family)
+            if v is None:
+                return None
+            why = None if v.get("ok") else failure_reason(ident, v)
+        if remember:
+            self._resolved[slot] = why
+        return why
 
     def _resolve(self, slot, family: str, device) -> str | None:
         if getattr(self._local, "busy", False):  # a check is running: its own kernel calls pass
             return None
         with self._lock:
-            if slot in self._resolved:
-                return self._resolved[slot]
-            mode = self.mode()
-            if mode == "off":
+            why = self.known(family, device)
+            if slot in self._resolved or _capturing(device):
+                return why  # known, or unknown while capturing a CUDA graph: the next eager call checks
+            ident = self.identity(device)
+            v = self._check(family, device, ident)
+            if v is None:  # out of memory: no verdict; the kernels run unchecked in this process
                 self._resolved[slot] = None
                 return None
-            ident = self.identity(device)
-            v = None if mode == "force" else self.cache.load(ident).get(family)
-            if v is None:
-                if _capturing(device):
-                    return None  # no check during CUDA-graph capture; the next eager call runs it
-                v = self._check(family, device, ident)
-                if v is None:  # out of memory: no verdict; the kernels run unchecked in this process
-                    self._resolved[slot] = None
-                    return None
             self._resolved[slot] = None if v.get("ok") else failure_reason(ident, v)
             return self._resolved[slot]
 
@@ -278,6 +292,16 @@ class Verifier:
 
 def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _known_at_trace_time(verifier: Verifier, family: str, device_type: str, index) -> str | None:
+    """Verifier.known, run by torch.compile while tracing and its result kept as a constant."""
+    return verifier.known(family, torch.device(device_type, index), remember=False)
+
+
+# What torch.compiler.assume_constant_result does (tests/test_selftest.py checks that it still is),
+# without importing torch._dynamo (2 s) when gptkernels is imported.
+_known_at_trace_time._dynamo_marked_constant = True
 
 
 _UNSET = object()
