@@ -103,7 +103,8 @@ def test_quick_check_passes_with_the_reference_ops(name):
 @pytest.mark.parametrize("name,op,bad", [
     ("bias_act", "bias_act_bwd", lambda dy, x, b, a: (torch.zeros_like(x), torch.zeros_like(b))),
     ("layer_norm", "layer_norm_fwd", lambda x, w, b, eps: torch.ops.gptkernels.layer_norm_fwd(x, w, None, eps)),
-    ("layer_norm", "add_layer_norm_fwd", lambda r, x, w, b, eps: torch.ops.gptkernels.add_layer_norm_fwd(r, r, w, b, eps)),
+    ("layer_norm", "add_layer_norm_fwd",
+     lambda r, x, w, b, eps: torch.ops.gptkernels.add_layer_norm_fwd(r, r, w, b, eps)),
     ("cross_entropy", "cross_entropy_scale_grad_", lambda g, s: None),  # the backward forgets to scale
     ("linear_cross_entropy", "linear_cross_entropy_fwd",
      lambda *a: torch.ops.gptkernels.linear_cross_entropy_fwd(*a[:5], "sum", *a[6:])),  # wrong reduction
@@ -111,8 +112,8 @@ def test_quick_check_passes_with_the_reference_ops(name):
     ("attention", "flash_attn_fwd", lambda q, k, v, causal, scale, *a: torch.ops.gptkernels.flash_attn_fwd(
         q, k, v, causal, scale * 1.05, *a)),
     ("attention", "flash_attn_bwd", lambda dout, q, k, v, *a: torch.ops.gptkernels.flash_attn_bwd(dout, q, v, k, *a)),
-    ("attention", "flash_attn_decode", lambda q, k, v, causal, scale, layout, kv_lens: torch.ops.gptkernels.flash_attn_fwd(
-        q, k, v, causal, scale, layout, None, False)),  # ignores kv_lens
+    ("attention", "flash_attn_decode", lambda q, k, v, causal, scale, layout, kv_lens:
+     torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, None, False)),  # ignores kv_lens
 ])
 def test_quick_check_catches_a_broken_kernel(name, op, bad):
     results = FAMILIES[name].check(Ops(**{op: bad}), CPU, quick=True)
@@ -367,7 +368,8 @@ def test_a_check_that_breaks_disables_its_family_without_caching(tmp_path):
 
     fams = {**FAMILIES, "bias_act": dataclasses.replace(FAMILIES["bias_act"], check=broken_check)}
     v = state.Verifier(identity=lambda d: FAKE, cache=state.Cache(tmp_path), mode="auto", families=fams)
-    assert v.reason("bias_act", CPU) == "failed the self-test on Fake GPU (sm_90): the check: RuntimeError: no such table"
+    why = v.reason("bias_act", CPU)
+    assert why == "failed the self-test on Fake GPU (sm_90): the check: RuntimeError: no such table"
     assert v.cache.load(FAKE) == {} and v.reason("layer_norm", CPU) is None
 
 

@@ -57,7 +57,8 @@ BIAS_ACT_CASES = [  # quick, dtype, rows, cols, activation
 
 
 def _bias_act(o, k, dev, g, dtype, rows, cols, act):
-    x, b, dy = randn(g, (rows, cols), dtype, dev, 2.0), randn(g, (cols,), dtype, dev), randn(g, (rows, cols), dtype, dev)
+    x, b = randn(g, (rows, cols), dtype, dev, 2.0), randn(g, (cols,), dtype, dev)
+    dy = randn(g, (rows, cols), dtype, dev)
     poison(dev, 4 * x.numel() * x.element_size())
     y = k.bias_act_fwd(x, b, act)
     dx, db = k.bias_act_bwd(dy, x, b, act)
@@ -145,7 +146,8 @@ def _targets(g, rows, vocab, dev):
 def _cross_entropy(o, k, dev, g, dtype, rows, vocab, red):
     logits = randn(g, (rows, vocab), dtype, dev, 3.0)
     t = _targets(g, rows, vocab, dev)
-    dloss = randn(g, (rows,), torch.float32, dev) if red == "none" else torch.full((), 0.75, dtype=torch.float32, device=dev)
+    f32 = torch.float32
+    dloss = randn(g, (rows,), f32, dev) if red == "none" else torch.full((), 0.75, dtype=f32, device=dev)
     poison(dev, 4 * logits.numel() * logits.element_size())
     loss, grad, status = k.cross_entropy_fwd(logits, t, IGNORE, red, True)
     k.cross_entropy_scale_grad_(grad, dloss.reshape(-1).contiguous())  # the backward: in place
@@ -193,8 +195,8 @@ def _linear_cross_entropy(o, k, dev, g, dtype, rows, feats, vocab, bias, chunk, 
 
 
 def check_linear_cross_entropy(k, device, quick=False):
-    describe = lambda dt, n, c, v, b, ch, red: (f"{dtype_name(dt)} x {n}x{c} vocab {v}{' bias' if b else ''} "  # noqa: E731
-                                                f"chunk {ch} {red}")
+    def describe(dt, n, c, v, b, ch, red):
+        return f"{dtype_name(dt)} x {n}x{c} vocab {v}{' bias' if b else ''} chunk {ch} {red}"
     return _run(k, device, quick, "linear_cross_entropy", "linear_cross_entropy_fwd", LCE_CASES, describe,
                 _linear_cross_entropy, floor_ulps=4.0)
 

@@ -316,7 +316,8 @@ def summary(device=None, verifier: Verifier | None = None) -> dict:
     try:
         mode = shown = verifier.mode()
     except ValueError:
-        mode, shown = None, f"{os.environ.get(ENV)!r}, INVALID: expected {', '.join(MODES)}; the first kernel call raises"
+        mode = None
+        shown = f"{os.environ.get(ENV)!r}, INVALID: expected {', '.join(MODES)}; the first kernel call raises"
     out = {"mode": mode, "gpu": None, "families": {}}
     if device is None and not (torch.cuda.is_available() and _backend.EXT_LOADED):
         why = "no CUDA device" if not torch.cuda.is_available() else "the extension is not built"
