@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def environment(device, ident: state.Identity) -> dict:
     return {**dataclasses.asdict(ident), "device": str(device), "identity_key": ident.key(),
             "checks_version": state.CHECKS_VERSION,
             "extension_build_info": torch.ops.gptkernels.build_info() if _backend.EXT_LOADED else None,
-            **state.host_info()}
+            "python": platform.python_version()}
 
 
 def unavailable_reason(device) -> str | None:

@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import threading
 import warnings
@@ -111,10 +110,6 @@ def gpu_identity(device) -> Identity:
     major, minor = torch.cuda.get_device_capability(idx)
     return Identity(torch.cuda.get_device_name(idx), f"{major}.{minor}", driver_version(),
                     f"{torch.__version__} (CUDA {torch.version.cuda})", build_id())
-
-
-def host_info() -> dict:
-    return {"python": platform.python_version(), "host": platform.node()}
 
 
 # ---- cache ------------------------------------------------------------------------------------
@@ -213,6 +208,8 @@ class Verifier:
         family = self.op_family.get(op)
         if family is None:
             return None
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         slot = (device.type, device.index, family)
         known = self._resolved.get(slot, _UNSET)
         if known is not _UNSET:
