@@ -10,5 +10,5 @@ from gptkernels._selftest import selftest  # noqa: E402  (also installs the self
 from gptkernels.model import GPT, GPTConfig, GPTForSequenceClassification  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["backend", "get_backend", "set_backend", "kernels_available", "info", "selftest", "ops", "nn", "GPT", "GPTConfig",
-           "GPTForSequenceClassification"]
+__all__ = ["backend", "get_backend", "set_backend", "kernels_available", "info", "selftest", "ops", "nn", "GPT",
+           "GPTConfig", "GPTForSequenceClassification"]
