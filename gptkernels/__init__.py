@@ -8,8 +8,9 @@ GPTForSequenceClassification are re-exported here).
 from gptkernels._backend import backend, get_backend, kernels_available, set_backend
 from gptkernels import ops, nn  # noqa: E402  (registers the ops' fake/autograd implementations)
 from gptkernels._info import info  # noqa: E402
+from gptkernels._selftest import selftest  # noqa: E402  (also installs the self-test's verdicts in _backend)
 from gptkernels.gpt import GPT, GPTConfig, GPTForSequenceClassification  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["backend", "get_backend", "set_backend", "kernels_available", "info", "ops", "nn", "GPT", "GPTConfig",
-           "GPTForSequenceClassification"]
+__all__ = ["backend", "get_backend", "set_backend", "kernels_available", "info", "selftest", "ops", "nn", "GPT",
+           "GPTConfig", "GPTForSequenceClassification"]

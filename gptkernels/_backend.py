@@ -51,6 +51,14 @@ def _check_mode(mode: str) -> str:
 
 _mode = _check_mode(os.environ.get("GPTKERNELS_BACKEND", "auto"))
 _warned: set[tuple[str, str]] = set()
+# The self-test's verdicts (installed by gptkernels._selftest): verifier(op, device) -> None when the
+# op's kernel family may run on that GPU, else the reason it may not (it failed the self-test there).
+_verifier = None
+
+
+def set_verifier(fn) -> None:
+    global _verifier
+    _verifier = fn
 
 
 def get_backend() -> str:
@@ -173,6 +181,8 @@ def use_kernel(op: str, tensors, unsupported: str | None = None) -> bool:
         return False
     if unsupported is None and isinstance(tensors[0].device, torch.device):
         unsupported = _device_unsupported(tensors[0].device)
+    if unsupported is None and _verifier is not None:
+        unsupported = _verifier(op, tensors[0].device)
     if unsupported is not None:
         if mode == "kernel":
             raise ValueError(f"gptkernels.{op}: backend is 'kernel' but the kernel does not support this call: "

@@ -7,6 +7,7 @@ import platform
 import torch
 
 from gptkernels import _backend
+from gptkernels._selftest import state as _selftest_state
 
 # Per op: the extension ops its kernel path runs, what runs on a GPU without the kernel (the
 # "torch" path of gptkernels._backend), and, for attention, the op whose implementation the C++
@@ -97,5 +98,7 @@ def info(file=None) -> dict:
         lines.append(f"on an sm_{newest} GPU (mode {d['backend']}):")
         for name in OPS:
             lines.append(f"  {name:<28} {implementation(name, capability=c, build=b)}")
+    d["selftest"] = _selftest_state.summary()
+    lines += d["selftest"].pop("lines")
     print("\n".join(lines), file=file)
     return d

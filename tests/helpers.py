@@ -1,8 +1,7 @@
 """Shared test helpers: tolerances derived from the dtype, NaN poisoning, op lists."""
 import torch
 
-# Unit roundoff of each storage type: the error of one rounding to that type, relative.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+from gptkernels._selftest.rule import UNIT_ROUNDOFF  # noqa: F401  (the error of one rounding, relative)
 
 
 def elementwise_tol(dtype, ops: int = 4):

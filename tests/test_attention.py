@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import gptkernels
 from gptkernels import _backend
 from gptkernels.nn import functional as GF
+from gptkernels._selftest import rule
+from gptkernels._selftest.rule import max_err
 from gptkernels.ops import attention as A
 
 EXT = _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd")
@@ -344,19 +346,12 @@ def poison_cuda_cache(nbytes=256 << 20):
     del big, small
 
 
-def max_err(a, b):
-    a, b = a.float(), b.float()
-    both_inf = torch.isinf(a) & torch.isinf(b) & (a.sign() == b.sign())
-    d = (a - b).abs().masked_fill(both_inf, 0.0)
-    return d.max().item() if d.numel() else 0.0
-
-
 def assert_2x(name, got, ref, base, dtype):
-    """FlashAttention's rule: error(got) <= 2 * error(low-precision PyTorch) + eps (scaled by |ref|)."""
+    """FlashAttention's rule (gptkernels._selftest.rule): error(got) <= 2 * error(low-precision PyTorch)
+    + EPS * max(1, |ref|)."""
     assert not got.isnan().any(), f"{name}: NaN in the kernel's result"
-    e, e0 = max_err(got, ref), max_err(base, ref)
-    scale = max(1.0, ref.float().abs().max().item()) if ref.numel() else 1.0
-    assert e <= 2 * e0 + EPS[dtype] * scale, f"{name}: kernel error {e:.3e} > 2 x PyTorch {dtype} error {e0:.3e}"
+    e, bound = rule.compare(got, ref, base, dtype, floor_ulps=EPS[dtype] / rule.UNIT_ROUNDOFF[dtype], min_scale=1.0)
+    assert e <= bound, f"{name}: kernel error {e:.3e} > bound {bound:.3e} (2 x PyTorch {dtype} error + EPS)"
 
 
 def run_kernel_fwd(q, k, v, causal, scale, layout, kv_lens=None, decode=False):

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import make_tiny_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["info", "prepare", "train", "generate", "finetune", "bench"]
+COMMANDS = ["info", "prepare", "train", "generate", "finetune", "bench", "selftest"]
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from torch import nn
 
 import gptkernels
 from gptkernels import _backend
+from gptkernels._selftest import rule
 from gptkernels.nn import FusedMLP
 from gptkernels.nn import functional as GF
-from helpers import UNIT_ROUNDOFF
 
 from gptkernels.ops import mlp as mlp_ops
 ACTS = ["gelu_tanh", "gelu", "relu"]
@@ -217,15 +217,12 @@ def test_compile_fullgraph_op_cpu():
 
 # ---- CUDA: the cuBLASLt path -------------------------------------------------------------
 
-def _err(a, ref):
-    return (a.float() - ref.float()).abs().max().item()
-
-
-def assert_within_baseline(out, ref, baseline, name, floor):
-    """FlashAttention's rule: the kernel's error vs the fp64 reference is at most twice that of the same
-    math in torch at the same low precision (plus a small floor for exact-zero baselines)."""
-    e, b = _err(out, ref), _err(baseline, ref)
-    assert e <= 2 * b + floor, f"{name}: max error {e:.3g} vs torch's {b:.3g} (floor {floor:.3g})"
+def assert_within_baseline(out, ref, baseline, name, dtype):
+    """FlashAttention's rule (gptkernels._selftest.rule): the kernel's error vs the fp64 reference is at
+    most twice that of the same math in torch at the same low precision, plus 4 units of roundoff of
+    max|ref| (for exact-zero baselines)."""
+    e, bound = rule.compare(out, ref, baseline, dtype, floor_ulps=4.0)
+    assert e <= bound, f"{name}: max error {e:.3g} > bound {bound:.3g} (2 x torch's error + floor)"
 
 
 SHAPES = [(1, 8, 32, 8), (7, 64, 136, 64), (1000, 768, 3072, 768), (7, 2048, 8192, 2048), (33, 128, 256, 200)]
@@ -248,11 +245,10 @@ def test_mlp_kernel_matches_reference(act, shape, dtype, bias):
     y64 = torch_mlp(*p64, act)
     dy = torch.randn_like(y)
     got, low, ref = grads(y, dy, params), grads(y_low, dy, params), grads(y64, dy.double(), p64)
-    floor = 4 * UNIT_ROUNDOFF[dtype]
-    assert_within_baseline(y, y64, y_low, "y", floor * y64.abs().max().item())
+    assert_within_baseline(y, y64, y_low, "y", dtype)
     for g, lo, r, name in zip(got, low, ref, ["dx", "dw1", "db1", "dw2", "db2"]):
         assert torch.isfinite(g).all(), name
-        assert_within_baseline(g, r, lo, name, floor * r.abs().max().item())
+        assert_within_baseline(g, r, lo, name, dtype)
 
 
 @pytest.mark.cuda
@@ -268,11 +264,10 @@ def test_linear_act_kernel_matches_reference(act, dtype):
     p64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
     y64 = mlp_ops.linear_act_ref(*p64, act)
     dy = torch.randn_like(y)
-    floor = 4 * UNIT_ROUNDOFF[dtype]
-    assert_within_baseline(y, y64, y_low, "y", floor * y64.abs().max().item())
+    assert_within_baseline(y, y64, y_low, "y", dtype)
     for g, lo, r, name in zip(grads(y, dy, [x, w, b]), grads(y_low, dy, [x, w, b]), grads(y64, dy.double(), p64),
                               ["dx", "dw", "db"]):
-        assert_within_baseline(g, r, lo, name, floor * r.abs().max().item())
+        assert_within_baseline(g, r, lo, name, dtype)
 
 
 @pytest.mark.cuda

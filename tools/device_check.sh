@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # tools/device_check.sh: everything a lent H200 should check, in ONE call (see ../shared/GPU.md).
 #
-#   builds the extension (MAX_JOBS=16, sm_90a) -> runs the CUDA tests -> runs the quick benchmarks
-#   -> writes the log, junit XML, benchmark JSON and a tarball of CSV/PNGs under $OUT
+#   builds the extension (MAX_JOBS=16, sm_90a) -> runs `gptkernels selftest` (every kernel family
+#   against its reference, JSON in $OUT/selftest.json) -> runs the CUDA tests -> runs the quick
+#   benchmarks -> writes the log, junit XML, benchmark JSON and a tarball of CSV/PNGs under $OUT
 #   -> prints a short table last. Every step is bounded by what is left of an internal budget.
+#   When a family fails the self-test, the rest of the time goes to that failure: only the failing
+#   families' CUDA tests run (then compute-sanitizer on their small cases), no benchmarks, exit 1.
 #
 # Usage (from the repo root, on the device):
 #   GPTK_GIT_COMMIT=<sha> bash tools/device_check.sh [--budget S] [--tests EXPR] [--ops a,b] [--no-bench]
-#                                                  [--sanitize] [--full-bench] [--e2e]
+#                                                  [--sanitize] [--full-bench] [--e2e] [--no-selftest]
 #   --budget S     total seconds for the whole script (default 540); --test-budget S caps the tests (240)
 #   --tests EXPR   pytest -k expression for the CUDA tests (default: all tests marked cuda)
 #   --ops a,b      benchmarks to run (default: all benchmarks/bench_*.py)
 #   --sanitize     also run compute-sanitizer memcheck on a few small kernel tests
 #   --e2e          also run the end-to-end training benchmark (benchmarks/e2e_train.py) if present
+#   --no-selftest  skip the self-test (and its early stop)
 # Afterwards, copy $OUT/device-bench.json (and the unpacked tarball) into benchmarks/results/.
 set -uo pipefail
-BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0
+BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0; SELFTEST=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift 2;;
@@ -26,6 +30,7 @@ while [ $# -gt 0 ]; do
     --full-bench) FULL=1; shift;;
     --sanitize) SANITIZE=1; shift;;
     --e2e) E2E=1; shift;;
+    --no-selftest) SELFTEST=0; shift;;
     *) echo "device_check.sh: unknown argument $1" >&2; exit 2;;
   esac
 done
@@ -38,6 +43,7 @@ exec > >(tee -a "$LOG") 2>&1
 
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} GPTKERNELS_CUDA_ARCHS=${GPTKERNELS_CUDA_ARCHS:-90a}
 export GPTKERNELS_REQUIRE_EXT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export GPTKERNELS_CACHE=${GPTKERNELS_CACHE:-/tmp/gptk-cache}  # self-test verdicts, datasets: not under $OUT
 export GPTK_GIT_COMMIT=${GPTK_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
 status() { echo "== [$(( $(date +%s) - START ))s] $*"; }
@@ -52,6 +58,45 @@ grep -E "error|warning: .*spill" "$OUT/build.log" | head -20
 status "build rc=$BUILD_RC"
 if [ $BUILD_RC -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 $PY -m gptkernels info
+
+# The self-test first (python -m gptkernels._selftest is `gptkernels selftest`): rc 0 all passed,
+# 1 a family failed, 2 nothing to test, 124 timed out, anything else: it died (e.g. in a kernel).
+FAILED_FAMILIES=""
+if [ $SELFTEST -eq 1 ]; then
+  status "self-test: every kernel family against its reference"
+  T=$(( $(left) - 60 )); [ $T -gt 150 ] && T=150
+  rm -f "$OUT/selftest.json"
+  timeout $T $PY -m gptkernels._selftest --json "$OUT/selftest.json" 2>&1
+  ST_RC=$?
+  status "selftest rc=$ST_RC"
+  if [ $ST_RC -ne 0 ]; then
+    FAILED_FAMILIES=$($PY -c "import json,sys; d=json.load(open(sys.argv[1])); \
+print(' '.join(k for k, v in d['families'].items() if not v['ok']))" "$OUT/selftest.json" 2>/dev/null)
+    [ -z "$FAILED_FAMILIES" ] && FAILED_FAMILIES=all  # it died or timed out before writing its verdicts
+  fi
+fi
+
+if [ -n "$FAILED_FAMILIES" ]; then
+  declare -A FAMILY_TESTS=([bias_act]=tests/test_activation.py [layer_norm]=tests/test_layernorm.py
+    [cross_entropy]=tests/test_cross_entropy.py [linear_cross_entropy]=tests/test_cross_entropy.py
+    [mlp]=tests/test_mlp.py [attention]=tests/test_attention.py)
+  FILES=()
+  for f in $FAILED_FAMILIES; do
+    t=${FAMILY_TESTS[$f]:-tests/}; [[ " ${FILES[*]} " == *" $t "* ]] || FILES+=("$t")
+  done
+  status "SELF-TEST FAILED ($FAILED_FAMILIES): the time left goes to it: CUDA tests of ${FILES[*]}"
+  T=$(( $(left) - 90 )); [ $T -gt $TEST_BUDGET ] && T=$TEST_BUDGET
+  [ $T -gt 30 ] && timeout $T $PY -m pytest -q -m cuda --maxfail=30 -rf -p no:cacheprovider \
+      --junitxml="$OUT/pytest-cuda.xml" "${FILES[@]}" > "$OUT/pytest-cuda.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest-cuda.log" | head -30; tail -3 "$OUT/pytest-cuda.log"
+  if [ "$(left)" -gt 60 ] && command -v compute-sanitizer >/dev/null; then
+    status "compute-sanitizer memcheck on the failing families' small cases"
+    timeout $(( $(left) - 30 )) compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m cuda \
+        -p no:cacheprovider -k "small or sanitize" "${FILES[@]}" 2>&1 | tail -20
+  fi
+  status "summary: the self-test FAILED for $FAILED_FAMILIES (details above and in $OUT/selftest.json); no benchmarks"
+  exit 1
+fi
 
 TEST_RC=-1
 if [ "$(left)" -gt 60 ]; then
@@ -87,6 +132,6 @@ fi
 # At most 8 files come back: keep the JSON and logs at the top, pack the rest.
 [ -f "$OUT/bench/device-bench.json" ] && cp "$OUT/bench/device-bench.json" "$OUT/"
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench-files.tgz" -C "$OUT/bench" . && rm -rf "$OUT/bench"
-status "summary (tests rc=$TEST_RC)"
+status "summary (selftest rc=${ST_RC:-skipped}, tests rc=$TEST_RC)"
 [ -f "$OUT/device-bench.json" ] && $PY tools/bench_summary.py "$OUT/device-bench.json"
 exit 0

@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_finetune(sub)
     _add_bench(sub)
+    from gptkernels._selftest import add_parser as add_selftest_parser
+    add_selftest_parser(sub)
     return p
 
 

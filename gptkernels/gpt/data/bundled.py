@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from gptkernels._selftest.state import cache_dir  # the one cache folder of the package (GPTKERNELS_CACHE)
 from gptkernels.gpt.data.preparation import prepare
 from gptkernels.gpt.data.shards import VERSION, DataError
 
@@ -36,11 +37,6 @@ def stdlib_files(which: str = "all") -> list[str]:
     if not files:
         raise DataError(f"no Python source files found in the standard library folder {root}")
     return files
-
-
-def cache_dir() -> str:
-    return os.environ.get("GPTKERNELS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkernels")
 
 
 def default_dataset(name: str = "stdlib-small", root: str | None = None, progress: bool = True, log=None) -> str:

@@ -1,0 +1,4 @@
+from gptkernels._selftest.run import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
