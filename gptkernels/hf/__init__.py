@@ -9,7 +9,7 @@ interface), so `attn_implementation="gptkernels"` and `model.set_attn_implementa
 route attention through gptkernels.ops.flash_attention (gptkernels/hf/attention.py).
 
 `patch(model, *, layer_norm=True, mlp=True, attention=True, cross_entropy=True)` does, in place and
-keeping every parameter object (gptkernels/hf/patch.py):
+keeping every parameter object (gptkernels/hf/patching.py):
 - every torch.nn.LayerNorm -> gptkernels' LayerNorm (layers.py);
 - GELU/ReLU MLPs of known forms -> the fused MLP / bias+activation kernels (layers.py);
 - attention -> "gptkernels" (GPT-Neo, which has its own attention class, per module);
@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("gptkernels.hf needs the `transformers` package (pip install transformers)") from e
 
 from gptkernels.hf.attention import NAME as ATTN_IMPLEMENTATION, register
-from gptkernels.hf.patch import PatchReport, patch
+from gptkernels.hf.patching import PatchReport, patch
 
 register()
 

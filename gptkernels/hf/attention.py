@@ -82,13 +82,28 @@ def analyse_mask(mask: torch.Tensor) -> MaskPlan | None:
     return None
 
 
+_NONE = MaskPlan("sdpa", 0, 0)  # analysed: not expressible
+
+
+def mask_plan(mask: torch.Tensor) -> MaskPlan | None:
+    """The plan of a boolean 4-D mask, analysed on first use and kept on the tensor (every layer of a
+    forward gets the same mask object: one analysis, one host sync per forward). None under tracing."""
+    plan = getattr(mask, _PLAN_ATTR, None)
+    if plan is None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        plan = analyse_mask(mask) or _NONE
+        setattr(mask, _PLAN_ATTR, plan)
+    return None if plan is _NONE else plan
+
+
 def gptkernels_mask(*args, **kwargs):
-    """AttentionMaskInterface entry: sdpa's mask, with the kernel plan attached when there is one."""
+    """AttentionMaskInterface entry: exactly sdpa's mask (None or boolean [B, 1, Sq, Sk]), made
+    contiguous (generate() calls .contiguous() on it, which must keep this object) and analysed."""
     mask = sdpa_mask(*args, **kwargs)
-    if isinstance(mask, torch.Tensor) and not torch.compiler.is_compiling():
-        plan = analyse_mask(mask)
-        if plan is not None:
-            setattr(mask, _PLAN_ATTR, plan)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.contiguous()
+        mask_plan(mask)
     return mask
 
 
@@ -166,7 +181,7 @@ def kernel_attention(module, query, key, value, attention_mask, dropout: float, 
         elif causal and sk < sq:  # top-left causal with more queries than keys: not bottom-right
             return None
         return _flash(query, key, value, causal, scaling)
-    plan = getattr(attention_mask, _PLAN_ATTR, None)
+    plan = mask_plan(attention_mask) if attention_mask.dtype == torch.bool and attention_mask.dim() == 4 else None
     if plan is None or (plan.sq, plan.sk) != (sq, sk) or attention_mask.shape[0] != query.shape[0]:
         return None
     if within_causal and not plan.causal and sq > 1:
