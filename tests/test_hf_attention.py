@@ -191,3 +191,38 @@ def test_cuda_unsupported_head_dim_runs_sdpa():
     A.PATHS.clear()
     A.gptkernels_attention_forward(_module(4, 4), q, k, v, None)
     assert A.PATHS == {"sdpa": 1}
+
+
+def _neo_module(attention_type="global", window=8, max_pos=32):
+    bias = torch.ones(max_pos, max_pos, dtype=torch.bool).tril()
+    if attention_type == "local":
+        bias = torch.bitwise_xor(bias, torch.ones(max_pos, max_pos, dtype=torch.bool).tril(-window))
+    return types.SimpleNamespace(config=types.SimpleNamespace(window_size=window), attention_type=attention_type,
+                                 attn_dropout=torch.nn.Dropout(0.0), training=False, is_causal=True,
+                                 bias=bias[None, None])
+
+
+@pytest.mark.parametrize("case", ["causal", "window bites", "full mask, several rows", "full mask, one row"])
+def test_gpt_neo_attention(case):
+    """GPT-Neo's own attention: its bottom-right causal / local-window `bias` AND the model's mask,
+    no scaling; reference: the same intersection in float64 sdpa."""
+    sq, sk, mask, kind = 9, 9, None, "global"
+    if case == "window bites":
+        kind = "local"
+    elif case.startswith("full mask"):  # keys [0, K_b) for every row: exact in the kernel only for one row
+        sq = 4 if "several" in case else 1
+        sk = 10
+        mask = A.gptkernels_mask(batch_size=2, q_length=sq, kv_length=sk, mask_function=lambda b, h, q, kv: kv >= 0,
+                                 attention_mask=_pad([5, 10], sk), allow_is_bidirectional_skip=True)
+    mod = _neo_module(kind, window=4)
+    q, k, v = _qkv(2, 4, 4, sq, sk)
+    A.PATHS.clear()
+    got, _ = A.gpt_neo_attn(mod, q, k, v, mask)
+    expect = {"causal": "flash_attention", "window bites": "sdpa", "full mask, several rows": "sdpa",
+              "full mask, one row": "flash_attention"}[case]
+    assert set(A.PATHS) == {expect}, dict(A.PATHS)
+    allowed = mod.bias[:, :, sk - sq: sk, :sk] & (mask if mask is not None else True)
+    truth = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed,
+                                                             scale=1.0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
+    M.check(f"gpt-neo {case}", got, ref, truth)
