@@ -302,6 +302,34 @@ def test_check_catches_kernel_rows_kept_for_padding(monkeypatch):
         M.check("llama right-padded logits", p, r, t)
 
 
+class _LoraLike(nn.Module):
+    """What PEFT's LoRA does to a Linear: keeps it as base_layer and adds a low-rank term."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.a = nn.Linear(base.in_features, 2, bias=False)
+        self.b = nn.Linear(2, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.b(self.a(x))
+
+
+@pytest.mark.parametrize("model_type,path", [("gpt_neo", "mlp.c_fc"), ("opt", "fc1"), ("gpt_neox", "mlp.dense_4h_to_h")])
+def test_projection_wrapped_after_patching(model_type, path):
+    """A LoRA-style wrapper added after patch() (the fused MLP / linear_act would bypass it)."""
+    ref, patched, truth = M.trio(model_type)
+    for model in (ref, patched, truth):
+        torch.manual_seed(5)
+        for layer in (model.transformer.h if model_type == "gpt_neo" else model.model.decoder.layers
+                      if model_type == "opt" else model.gpt_neox.layers):
+            owner_name, _, name = path.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            setattr(owner, name, _LoraLike(getattr(owner, name)).to(next(model.parameters()).dtype))
+    r, p, t = _eval_logits((ref, patched, truth), _tokens())
+    M.check(f"{model_type} with {path} wrapped", p, r, t)
+
+
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     _, patched, _ = M.trio("gpt2")
     twin = copy.deepcopy(patched)

@@ -12,7 +12,9 @@
                         bias + activation kernel, then the Conv1D projection.
 - Layers that apply the activation right after their first projection inside a bigger forward
   (FC_ACT_SPECS, e.g. OPT's decoder layer): the projection runs `linear_act` (GEMM + bias + act
-  epilogue) and the activation module becomes an identity.
+  epilogue) and the activation module becomes an identity (ActivationFusedInto).
+Both check at each call that the projections are still the modules they were patched on, and run
+the original computation otherwise (a LoRA wrapper added after patching keeps working).
 """
 from __future__ import annotations
 
@@ -116,6 +118,9 @@ def mlp_plan(module) -> tuple | None:
 def _fused_mlp_forward(self, hidden_states):
     fc_name, activation, proj_name, drop = self._gptkernels_mlp
     fc, proj = getattr(self, fc_name), getattr(self, proj_name)
+    planned_fc, planned_proj = self._gptkernels_mlp_modules
+    if fc is not planned_fc or proj is not planned_proj:  # replaced since patching (e.g. wrapped by LoRA)
+        return type(self).forward(self, hidden_states)
     if type(fc) is Conv1D:  # weights [in, out]: the product as stored, then the fused bias + activation
         h = _bias_act(torch.matmul(hidden_states, fc.weight), fc.bias, activation)
         y = proj(h)
@@ -129,13 +134,15 @@ def _fused_mlp_forward(self, hidden_states):
 
 
 def swap_mlp(module: nn.Module, plan: tuple):
-    """Install the fused forward on this MLP instance; returns the undo."""
+    """Install the fused forward on this MLP instance; returns the undo. If its projections are
+    replaced later (a LoRA wrapper, a quantized layer), the module runs its own forward again."""
     module._gptkernels_mlp = plan
+    module._gptkernels_mlp_modules = [getattr(module, plan[0]), getattr(module, plan[2])]  # a list: not submodules
     module.forward = types.MethodType(_fused_mlp_forward, module)
 
     def undo():
-        del module.forward
-        del module._gptkernels_mlp
+        for n in ("forward", "_gptkernels_mlp", "_gptkernels_mlp_modules"):
+            delattr(module, n)
     return undo
 
 
@@ -154,20 +161,38 @@ def fc_act_plan(module) -> tuple | None:
     return fc_name, act_name, activation
 
 
+class ActivationFusedInto(nn.Module):
+    """Stands in for an activation that the preceding projection now applies (linear_act). Applies the
+    original activation again if that projection has been replaced in its layer since (e.g. wrapped
+    by a LoRA layer, which then calls it as its base layer and adds its own term)."""
+
+    def __init__(self, act: nn.Module, owner: nn.Module, fc_name: str, fc: nn.Module):
+        super().__init__()
+        self.act = act
+        self._site = [owner, fc_name, fc]  # a list: neither is a submodule of this one
+
+    def forward(self, x):
+        owner, fc_name, fc = self._site
+        return x if getattr(owner, fc_name) is fc else self.act(x)
+
+
 def _linear_act_forward(self, x):
-    return GF.linear_act(x, self.weight, self.bias, self._gptkernels_activation)
+    owner, fc_name, activation = self._gptkernels_fc_act
+    if getattr(owner, fc_name) is not self:  # called as another module's base layer: a plain linear
+        return type(self).forward(self, x)
+    return GF.linear_act(x, self.weight, self.bias, activation)
 
 
 def swap_fc_act(module: nn.Module, plan: tuple):
     """The projection applies the activation (linear_act), the activation module becomes identity."""
     fc_name, act_name, activation = plan
     fc, act = getattr(module, fc_name), getattr(module, act_name)
-    fc._gptkernels_activation = activation
+    fc._gptkernels_fc_act = [module, fc_name, activation]
     fc.forward = types.MethodType(_linear_act_forward, fc)
-    setattr(module, act_name, nn.Identity())
+    setattr(module, act_name, ActivationFusedInto(act, module, fc_name, fc))
 
     def undo():
         setattr(module, act_name, act)
         del fc.forward
-        del fc._gptkernels_activation
+        del fc._gptkernels_fc_act
     return undo
