@@ -104,6 +104,25 @@ def test_train_loss_and_every_gradient_match(model_type):
             M.check(f"{model_type} grad {name}", q.grad, p.grad, t.grad)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_bf16_autocast_training(model_type):
+    """Under autocast (bf16) the kernels' inputs are cast as torch's sdpa would (Llama's RoPE leaves q, k
+    in float32 next to a bfloat16 v): attention still runs through flash_attention."""
+    ref, patched, truth = M.trio(model_type)
+    x = _tokens()
+    A.PATHS.clear()
+    outs = []
+    for m in (ref, patched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(_train_step(m, x, x))
+    outs.append(_train_step(truth, x, x))
+    assert A.PATHS["flash_attention"] == 2 and A.PATHS["sdpa"] == 0, dict(A.PATHS)
+    floor = 2 * 2.0**-8
+    M.check("loss", outs[1].loss.detach(), outs[0].loss.detach(), outs[2].loss.detach(), floor=floor)
+    for (n, p), q, t in zip(ref.named_parameters(), patched.parameters(), truth.parameters()):
+        M.check(f"{model_type} grad {n}", q.grad, p.grad, t.grad, floor=floor)
+
+
 @pytest.mark.parametrize("model_type", REQUIRED + ["mistral"])
 def test_padded_batches(model_type):
     """Right padding (kernel + sdpa for the padded rows) matches everywhere; left padding (sdpa) at

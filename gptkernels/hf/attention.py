@@ -58,7 +58,7 @@ class MaskPlan:
 
 def analyse_mask(mask: torch.Tensor) -> MaskPlan | None:
     """The kernel plan equal to `mask` (boolean, [B, 1, Sq, Sk]), or None. One host sync."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or 0 in mask.shape:
         return None
     B, _, sq, sk = mask.shape
     m = mask[:, 0]
@@ -205,6 +205,12 @@ def gptkernels_attention_forward(module, query, key, value, attention_mask, drop
                          "use attn_implementation='eager' for this model")
     out = None
     if kwargs.get("position_bias") is None and kwargs.get("s_aux") is None:
+        dev = query.device.type
+        if torch.is_autocast_enabled(dev) and query.is_floating_point():
+            # as torch's SDPA under autocast: all three in the autocast dtype (e.g. Llama's RoPE leaves
+            # q and k in float32 next to a bfloat16 v)
+            dt = torch.get_autocast_dtype(dev)
+            query, key, value = query.to(dt), key.to(dt), value.to(dt)
         out = kernel_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal)
     if out is not None:
         return out, None

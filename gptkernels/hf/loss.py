@@ -138,7 +138,8 @@ def _wants_fusion(model, state, cls_forward, args, kwargs) -> bool:
     if not model.training:
         return False
     a = _call_args(state, cls_forward, args, kwargs)
-    if a.get("labels") is None or a.get("logits_to_keep", 0) not in (0, None):
+    keep = a.get("logits_to_keep", 0)
+    if a.get("labels") is None or isinstance(keep, torch.Tensor) or keep not in (0, None):
         return False
     return model.get_output_embeddings() is state.head and model.loss_function is model._gptkernels_loss_fn
 

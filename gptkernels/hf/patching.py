@@ -8,6 +8,7 @@ What was done is recorded in `model.gptkernels_patched` (a PatchReport).
 from __future__ import annotations
 
 import dataclasses
+import types
 import warnings
 
 from torch import nn
@@ -56,7 +57,6 @@ def _attention_plan(model):
 
 
 def _apply_attention(model, kind, modules):
-    import types
     if kind == "interface":
         previous = model.config._attn_implementation
         model.set_attn_implementation(_attention.NAME)
