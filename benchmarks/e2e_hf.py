@@ -13,7 +13,7 @@ two phases:
   generate   greedy `generate` of N new tokens after a P-token prompt, bf16 weights, dynamic cache;
              tokens/s = B*N / time of the whole call (prefill included)
 
-Models: GPT-2 124M (12 x 12 x 768, vocab 50257) and a small Llama-shaped model (12 layers, 768 wide,
+Models: GPT-2 124M (12 x 12 x 768, vocab 50257) and a 125M Llama-shaped model (12 layers, 768 wide,
 12 query / 4 key-value heads, SwiGLU 2048, vocab 32000), both at T=1024 for training.
 Reported: time, tokens/s, peak memory (torch.cuda.max_memory_allocated, reset per row), the first
 loss (the same weights and batches: it must agree across providers), speedups against eager and sdpa,
@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # name: (config class, config kwargs, train (B, T), generate (B, prompt, new tokens))
 MODELS = {
     "gpt2-124m": ("GPT2Config", dict(), (8, 1024), (8, 128, 128)),
-    "llama-160m": ("LlamaConfig", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+    "llama-125m": ("LlamaConfig", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                        num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
                                        max_position_embeddings=2048), (8, 1024), (8, 128, 128)),
     "gpt2-tiny": ("GPT2Config", dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=128),
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON/CSV/PNG")
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
-    ap.add_argument("--models", default=None, help=f"comma list of {list(MODELS)} (default: gpt2-124m,llama-160m "
+    ap.add_argument("--models", default=None, help=f"comma list of {list(MODELS)} (default: gpt2-124m,llama-125m "
                                                    "on a GPU, the tiny ones otherwise)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {list(PROVIDERS)}")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {list(PHASES)}")
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    models = [m.strip() for m in (args.models or ("gpt2-124m,llama-160m" if cuda else "gpt2-tiny,llama-tiny"))
+    models = [m.strip() for m in (args.models or ("gpt2-124m,llama-125m" if cuda else "gpt2-tiny,llama-tiny"))
               .split(",") if m.strip()]
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
