@@ -349,12 +349,20 @@ def test_projection_wrapped_after_patching(model_type, path):
     M.check(f"{model_type} with {path} wrapped", p, r, t)
 
 
+def test_pickling_a_patched_model_says_what_to_do(tmp_path):
+    _, patched, _ = M.trio("gpt2")
+    with pytest.raises(TypeError, match="save its state_dict"):
+        torch.save(patched, tmp_path / "model.pt")
+    torch.save(patched.state_dict(), tmp_path / "sd.pt")  # the usual way keeps working
+
+
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     _, patched, _ = M.trio("gpt2")
     twin = copy.deepcopy(patched)
     assert twin.forward.__self__ is twin
     assert twin.lm_head.forward.__self__ is twin.lm_head
     assert twin._gptkernels_fusion is not patched._gptkernels_fusion
+    assert twin.gptkernels_patched == patched.gptkernels_patched
     x = _tokens()
     twin.train()(input_ids=x, labels=x).loss.backward()
     assert twin.lm_head.weight.grad is not None and patched.lm_head.weight.grad is None

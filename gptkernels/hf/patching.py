@@ -32,6 +32,14 @@ class PatchReport:
     cross_entropy: bool = False                                  # fused LM loss installed
     skipped: dict = dataclasses.field(default_factory=dict)      # requested part -> why it was not done
 
+    def __deepcopy__(self, memo):  # copy.deepcopy(model) makes a patched twin (the swaps are per instance)
+        return dataclasses.replace(self, layer_norm=list(self.layer_norm), mlp=list(self.mlp),
+                                   skipped=dict(self.skipped))
+
+    def __reduce__(self):
+        raise TypeError("a model patched by gptkernels.hf cannot be pickled whole (its forwards are replaced "
+                        "per instance): save its state_dict() or use save_pretrained(), and patch after loading")
+
     def summary(self) -> str:
         parts = [f"{len(self.layer_norm)} LayerNorm", f"{len(self.mlp)} MLP",
                  f"attention: {self.attention or 'unchanged'}",
