@@ -1,5 +1,5 @@
 """The causal-LM loss from the final hidden states: gptkernels' chunked linear_cross_entropy, with no
-[N, vocab] logits.
+[N, vocab] logits on its kernel path (CUDA, bf16/fp16; its float32/CPU reference forms them).
 
 Generic, no copy of any model's forward. Three small pieces on the model instance:
 - its `forward` (wrapped, with the class forward's signature): when the model is training and
@@ -11,8 +11,7 @@ Generic, no copy of any model's forward. Three small pieces on the model instanc
   **kwargs)`): when handed that very placeholder it computes HF's ForCausalLMLoss (labels shifted
   by one, ignore_index, "mean", or "sum" / num_items_in_batch; `shift_labels` honoured) as
   linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias); otherwise it is HF's loss.
-The output then carries the loss and `logits=None` (as Liger-Kernel does): training never holds the
-logits. Without labels, or in eval mode, everything is HF's own path and logits are returned.
+The output then carries the loss and `logits=None` (as Liger-Kernel does). Without labels, or in eval mode, everything is HF's own path and logits are returned.
 
 `install` runs a probe first (eval mode, no grad, three tokens): the model must pass the lm_head's
 output straight to its loss function and return that loss, and the fused loss must equal HF's on the
