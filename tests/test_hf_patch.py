@@ -334,7 +334,8 @@ class _LoraLike(nn.Module):
         return self.base_layer(x) + self.b(self.a(x))
 
 
-@pytest.mark.parametrize("model_type,path", [("gpt_neo", "mlp.c_fc"), ("opt", "fc1"), ("gpt_neox", "mlp.dense_4h_to_h")])
+@pytest.mark.parametrize("model_type,path", [("gpt_neo", "mlp.c_fc"), ("opt", "fc1"),
+                                             ("gpt_neox", "mlp.dense_4h_to_h")])
 def test_projection_wrapped_after_patching(model_type, path):
     """A LoRA-style wrapper added after patch() (the fused MLP / linear_act would bypass it)."""
     ref, patched, truth = M.trio(model_type)

@@ -36,7 +36,8 @@ def test_save_pretrained_round_trip(tmp_path, model_type):
 
 def _train_one_step(model, out_dir, data):
     args = transformers.TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5, weight_decay=0.1,
+        output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+        learning_rate=0.5, weight_decay=0.1,
         optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
         logging_strategy="no", dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)

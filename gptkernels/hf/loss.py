@@ -11,9 +11,10 @@ Generic, no copy of any model's forward. Three small pieces on the model instanc
   **kwargs)`): when handed that very placeholder it computes HF's ForCausalLMLoss (labels shifted
   by one, ignore_index, "mean", or "sum" / num_items_in_batch; `shift_labels` honoured) as
   linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias); otherwise it is HF's loss.
-The output then carries the loss and `logits=None` (as Liger-Kernel does). Without labels, or in eval mode, everything is HF's own path and logits are returned.
+The output then carries the loss and `logits=None` (as Liger-Kernel does). Without labels, or in eval
+mode, everything is HF's own path and logits are returned.
 
-`install` runs a probe first (eval mode, no grad, three tokens): the model must pass the lm_head's
+After `install`, patch() runs `probe` (eval mode, no grad, three tokens): the model must pass the lm_head's
 output straight to its loss function and return that loss, and the fused loss must equal HF's on the
 probe. Models that post-process logits before their loss (softcapping, scaling, ...) fail it and
 keep HF's loss; at run time the same identity is checked on every call.

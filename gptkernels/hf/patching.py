@@ -86,7 +86,8 @@ def _apply_attention(model, kind, modules):
 def patch(model, *, layer_norm: bool = True, mlp: bool = True, attention: bool = True, cross_entropy: bool = True):
     """Swap `model`'s layers for gptkernels' in place and return it. See gptkernels/hf/__init__.py."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module (a transformers PreTrainedModel), got {type(model).__name__}")
+        raise TypeError(f"model: expected a torch.nn.Module (a transformers PreTrainedModel), got "
+                        f"{type(model).__name__}")
     if getattr(model, "gptkernels_patched", None) is not None:
         raise ValueError("model: already patched by gptkernels.hf.patch (see model.gptkernels_patched)")
     config = getattr(model, "config", None)
