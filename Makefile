@@ -6,7 +6,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 PY         := $(VENV)/bin/python
-DEPS       := numpy ninja pybind11 "setuptools>=64" wheel pytest transformers tokenizers tqdm safetensors matplotlib
+DEPS       := numpy ninja pybind11 "setuptools>=64" wheel pytest transformers accelerate tokenizers tqdm safetensors matplotlib
 
 .PHONY: setup demo test bench ptxas clean
 
