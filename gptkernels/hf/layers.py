@@ -125,7 +125,7 @@ def _fused_mlp_forward(self, hidden_states):
         h = _bias_act(torch.matmul(hidden_states, fc.weight), fc.bias, activation)
         y = proj(h)
     else:
-        y = GF.mlp(hidden_states, fc.weight, fc.bias, proj.weight, proj.bias, activation)
+        y = GF.fused_mlp(hidden_states, fc.weight, fc.bias, proj.weight, proj.bias, activation)
     if drop is None:
         return y
     if drop.startswith("p:"):
