@@ -35,6 +35,7 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self._rows: torch.Tensor | None = None  # flat row index of each (sequence, new token)
+        self._row_start: torch.Tensor | None = None  # b * max_len
         self.kv_lens: torch.Tensor | None = None  # int32 (B,): keys each sequence attends to
 
     def begin(self, cache_pos: torch.Tensor | None, T: int) -> None:
@@ -42,9 +43,12 @@ class KVCache:
         if cache_pos is None:
             self._rows = self.kv_lens = None
             return
-        B = cache_pos.shape[0]
-        base = torch.arange(B, device=cache_pos.device) * self.max_len + cache_pos
-        self._rows = (base[:, None] + torch.arange(T, device=cache_pos.device)).reshape(-1)
+        if tuple(cache_pos.shape) != (self.batch,):
+            raise ValueError(f"cache_pos: expected shape ({self.batch},) (the cache's batch), got {tuple(cache_pos.shape)}")
+        if self._row_start is None or self._row_start.device != cache_pos.device:
+            self._row_start = torch.arange(self.batch, device=cache_pos.device) * self.max_len
+        base = self._row_start + cache_pos  # (few kernels: a CUDA graph replays each of them per token)
+        self._rows = base if T == 1 else (base[:, None] + torch.arange(T, device=cache_pos.device)).reshape(-1)
         self.kv_lens = (cache_pos + T).to(torch.int32)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):

@@ -216,7 +216,7 @@ class GPT(nn.Module):
         if cache_pos is None:
             positions = torch.arange(T, device=idx.device)
         else:
-            positions = cache_pos[:, None] + torch.arange(T, device=idx.device)
+            positions = cache_pos[:, None] if T == 1 else cache_pos[:, None] + torch.arange(T, device=idx.device)
         if cache is not None:
             cache.begin(cache_pos, T)  # the KV write indices and kv_lens, once for every layer
         hidden, residual = self._embed(idx, positions), None
