@@ -23,7 +23,8 @@ step op by op: the code a graph holds, checkable anywhere.
 Invalidation: a graph holds raw pointers to the parameters and the static tensors. The runners of
 a model are dropped when any parameter or buffer moved (data pointer, dtype, device: model.to(),
 load_state_dict(assign=True)), when the kernel/reference backend mode or the autocast state
-changed. In-place updates of the weights (an optimizer step, load_state_dict) are seen by the graphs.
+changed. In-place updates of the weights (an optimizer step, load_state_dict) are seen by the graphs;
+model.train() needs nothing: generation always runs (and captures) in eval mode.
 At most MAX_RUNNERS runners per model are kept (least recently used dropped);
 release(model) frees them all (GPT.release_generation_graphs).
 """
@@ -128,13 +129,12 @@ def decode_static(model, prompt: torch.Tensor, lens: torch.Tensor, real_rows: in
     runner = get_runner(model, prompt.shape[0], capacity, prompt.device)
     st = runner.state
     st.reset(prompt, lens, real_rows, u, temperature, top_p, eos_token_id, fill)
-    st.prefill(model, runner.cache, prompt, s)
-    if capture:
-        graph = runner.graphs.get(s) or runner.capture(model, s)
-        run_step = graph.replay
-        check_every = CHECK_EVERY
-    else:
-        run_step = lambda: st.step(model, runner.cache, s)  # noqa: E731
-        check_every = CHECK_EVERY
-    decode_loop(st, max_new_tokens, s, run_step, check_every)
-    return st.out.clone()
+    if not capture:
+        st.prefill(model, runner.cache, prompt, s)
+        decode_loop(st, max_new_tokens, s, lambda: st.step(model, runner.cache, s), CHECK_EVERY)
+        return st.out.clone()
+    with torch.cuda.device(prompt.device):  # capture and replay on the model's GPU
+        st.prefill(model, runner.cache, prompt, s)
+        graph = runner.graphs[s] if s in runner.graphs else runner.capture(model, s)
+        decode_loop(st, max_new_tokens, s, graph.replay, CHECK_EVERY)
+        return st.out.clone()
