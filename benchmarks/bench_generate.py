@@ -202,6 +202,7 @@ def run_case(model_name, batch, prompt, new, providers, device, reps, compile_ba
                 run = _gptkernels(state, mkw, device, dtype, p == "gptkernels-graph", new)
             elif p == "hf":
                 run = _hf(hf_model, device, dtype, new)
+                row["attn_implementation"] = getattr(hf_model.config, "_attn_implementation", None)
             else:
                 run = _compile(state, mkw, device, dtype, batch, prompt, new, compile_backend)
             t0 = time.perf_counter()
