@@ -259,8 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 256; CPU 8)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {list(PROVIDERS)}")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 3, --quick 1)")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help="torch.compile backend: inductor runs mode='reduce-overhead'; aot_eager for CPU tests")
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend (default inductor with mode='reduce-overhead' on a GPU, aot_eager "
+                         "on the CPU)")
     ap.add_argument("--stem", default=None, help="output file stem (default generate-<gpu>-<date>)")
     args = ap.parse_args(argv)
 
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
     for m in models:
         print(f"== {m}: {MODELS[m]}, prompt {prompt}, {new} new tokens, greedy, {reps} timed call(s)")
         for b in batches:
-            rows += run_case(m, b, prompt, new, providers, device, reps, args.compile_backend)
+            rows += run_case(m, b, prompt, new, providers, device, reps,
+                             args.compile_backend or ("inductor" if cuda else "aot_eager"))
     print("\nsummary (tokens/s):")
     for r in rows:
         if "tokens_per_s" in r:

@@ -11,7 +11,7 @@ import torch
 import gptkernels
 from gptkernels import GPT, GPTConfig
 from gptkernels.gpt import cuda_graph
-from gptkernels.gpt.decode import Sampling, batch_bucket, capacity_bucket, sample_tokens
+from gptkernels.gpt.decode import Sampling, batch_bucket, capacity_bucket, decode_loop, draw_uniforms, sample_tokens
 from gptkernels.gpt.generate import generate, pad_prompts
 
 V = 61
@@ -76,6 +76,32 @@ def test_static_step_eos_equals_eager(kw):
     a = eager(model, idx[1:2, :3], 50, eos_token_id=eos, **kw)
     b = static(model, idx[1:2, :3], 50, eos_token_id=eos, **kw)
     assert torch.equal(a, b) and torch.all(a[0, 4:] == eos)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0, eos_token_id=7), dict(temperature=1.0, top_p=0.9, seed=1)])
+def test_warm_up_before_capture_leaves_no_trace(kw):
+    """What a capture does to the state, on the CPU: the warm-up steps run after the prefill and are
+    undone (their KV writes at pos, pos + 1 are rewritten before they are read); stepping on from
+    there gives the eager tokens."""
+    model = tiny_model()
+    cuda_graph.release(model)
+    idx, lens = pad_prompts([torch.randint(0, V, (n,)).tolist() for n in (4, 9, 2)])
+    ref = eager(model, idx, 30, prompt_lens=lens, **kw)
+    prompt = torch.cat([idx, idx.new_zeros(1, 9)])  # the padded batch generate() builds
+    plens = torch.cat([lens, lens.new_ones(1)])
+    s = Sampling.of(kw["temperature"], None, kw.get("top_p"), kw.get("eos_token_id"), V)
+    u = None if s.greedy else draw_uniforms(30, 3, kw.get("seed"))
+    runner = cuda_graph.get_runner(model, 4, capacity_bucket(39, 96), idx.device)
+    st = runner.state
+    st.reset(prompt, plens, 3, u, kw["temperature"], kw.get("top_p"), kw.get("eos_token_id"), kw.get("eos_token_id", 0))
+    with torch.no_grad():
+        st.prefill(model, runner.cache, prompt, s)
+        runner.warm_up(model, s)
+        for b, p in enumerate(st.pos.tolist()):  # whatever the warm-up left at pos and later: never read
+            for kv in runner.cache.k + runner.cache.v:
+                kv[b, p:] = float("nan")
+        decode_loop(st, 30, s, lambda: st.step(model, runner.cache, s), cuda_graph.CHECK_EVERY)
+    assert torch.equal(st.out[:3, :39], ref)
 
 
 def test_runner_reused_across_calls_and_state_reset():
@@ -182,6 +208,7 @@ def test_cuda_graph_equals_eager_on_gpu():
         c = generate(model, idx, 48, prompt_lens=lens, cuda_graph=True, capture=False, **kw)  # not captured
         assert torch.equal(a, c), kw
     runner = cuda_graph.get_runner(model, 4, 128, idx.device)
+    assert not runner.failures and all(isinstance(g, torch.cuda.CUDAGraph) for g in runner.graphs.values())
     n_graphs = len(runner.graphs)
     eos = a[0, 17 + 5].item()
     for B in (1, 3):

@@ -30,6 +30,8 @@ release(model) frees them all (GPT.release_generation_graphs).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
 from collections import OrderedDict
 
@@ -49,25 +51,49 @@ class Runner:
     def __init__(self, n_layer: int, batch: int, capacity: int, device):
         self.cache = KVCache(n_layer, batch, capacity)
         self.state = DecodeState(batch, capacity, device)
-        self.graphs: dict[Sampling, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[Sampling, torch.cuda.CUDAGraph | None] = {}  # None: capture failed, step eagerly
+        self.failures: dict[Sampling, str] = {}
 
-    def capture(self, model, s: Sampling) -> torch.cuda.CUDAGraph:
-        """Capture state.step for sampling mode s (the state is as the prefill left it; the warm-up
-        steps' changes are undone, their KV writes are rewritten before they are read)."""
+    def warm_up(self, model, s: Sampling) -> None:
+        """Run WARMUP_STEPS steps (on a side stream on a GPU: lazy initialisations, GEMM heuristics,
+        workspaces happen before a capture), then undo their changes to the state. Their KV writes
+        (at pos, pos + 1, ...) are rewritten by the real steps before any step reads them."""
         st = self.state
         saved = [t.clone() for t in st.mutable()]
-        current = torch.cuda.current_stream(st.tok.device)
-        side = torch.cuda.Stream(st.tok.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        if st.tok.is_cuda:
+            current = torch.cuda.current_stream(st.tok.device)
+            side = torch.cuda.Stream(st.tok.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    st.step(model, self.cache, s)
+            current.wait_stream(side)
+        else:
             for _ in range(WARMUP_STEPS):
                 st.step(model, self.cache, s)
-        current.wait_stream(side)
         for t, v in zip(st.mutable(), saved):
             t.copy_(v)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            st.step(model, self.cache, s)
+
+    def capture(self, model, s: Sampling) -> torch.cuda.CUDAGraph | None:
+        """Warm up, then capture state.step for sampling mode s over the state the prefill left (a
+        capture records the kernels without running them). A capture that fails (an op that syncs
+        with the host, say) warns and returns None: the caller steps eagerly, with the same tokens."""
+        dev = self.state.tok.device
+        # Autocast's weight-cast cache must stay out of a graph (a cached cast would be freed when
+        # the caller's autocast region ends while the graph still reads it).
+        amp = (torch.autocast(dev.type, dtype=torch.get_autocast_dtype(dev.type), cache_enabled=False)
+               if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext())
+        with amp:
+            self.warm_up(model, s)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.state.step(model, self.cache, s)
+            except RuntimeError as e:
+                graph = None
+                self.failures[s] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"gptkernels generate: CUDA graph capture failed ({self.failures[s]}); "
+                              "stepping without a graph", stacklevel=4)
         self.graphs[s] = graph
         return graph
 
@@ -136,5 +162,6 @@ def decode_static(model, prompt: torch.Tensor, lens: torch.Tensor, real_rows: in
     with torch.cuda.device(prompt.device):  # capture and replay on the model's GPU
         st.prefill(model, runner.cache, prompt, s)
         graph = runner.graphs[s] if s in runner.graphs else runner.capture(model, s)
-        decode_loop(st, max_new_tokens, s, graph.replay, CHECK_EVERY)
+        run_step = graph.replay if graph is not None else (lambda: st.step(model, runner.cache, s))
+        decode_loop(st, max_new_tokens, s, run_step, CHECK_EVERY)
         return st.out.clone()
