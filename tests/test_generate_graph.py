@@ -159,6 +159,8 @@ def test_cuda_graph_is_ignored_on_cpu_and_checked():
     assert torch.equal(a, model.generate(idx, 10, temperature=0, cuda_graph=False))
     with pytest.raises(ValueError, match="cuda_graph"):
         model.generate(idx, 2, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.generate(idx, 0, cuda_graph=1.0)
 
 
 def test_static_step_under_inference_mode():

@@ -90,6 +90,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph: expected None (on a GPU), True or False, got {cuda_graph!r}")
     V = model.config.vocab_size
     for name, tid in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if tid is not None and not 0 <= tid < V:
@@ -117,8 +119,6 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         return out
 
     on_gpu = device.type == "cuda"
-    if cuda_graph not in (None, True, False):
-        raise ValueError(f"cuda_graph: expected None (on a GPU), True or False, got {cuda_graph!r}")
     static = (on_gpu if cuda_graph is None else cuda_graph) and (on_gpu or not capture)
     s = Sampling.of(temperature, top_k, top_p, eos_token_id, V)
     u = None if s.greedy else draw_uniforms(max_new_tokens, B, seed)
@@ -129,17 +129,17 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if batch > B:
         prompt = torch.cat([prompt, prompt.new_zeros(batch - B, L)])
         lens = torch.cat([lens, lens.new_ones(batch - B)])
-    args = (temperature, top_p, eos_token_id, fill)
+    call = (temperature, top_p, eos_token_id, fill)
     was_training = model.training
     model.eval()
     try:
         if static:
             with torch.inference_mode(False), torch.no_grad():  # the runner's tensors outlive this call
                 res = _graphs.decode_static(model, prompt.clone(), lens.clone(), B, max_new_tokens, capacity, s, u,
-                                            *args, capture=capture and on_gpu)
+                                            *call, capture=capture and on_gpu)
         else:
             state, cache = DecodeState(batch, capacity, device), KVCache(model.config.n_layer, batch, capacity)
-            state.reset(prompt, lens, B, u, *args)
+            state.reset(prompt, lens, B, u, *call)
             state.prefill(model, cache, prompt, s)
             decode_loop(state, max_new_tokens, s, lambda: state.step(model, cache, s), check_every=1)
             res = state.out
