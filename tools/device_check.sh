@@ -7,15 +7,16 @@
 #
 # Usage (from the repo root, on the device):
 #   GPTK_GIT_COMMIT=<sha> bash tools/device_check.sh [--budget S] [--tests EXPR] [--ops a,b] [--no-bench]
-#                                                  [--sanitize] [--full-bench] [--e2e]
+#                                                  [--sanitize] [--full-bench] [--e2e] [--generate]
 #   --budget S     total seconds for the whole script (default 540); --test-budget S caps the tests (240)
 #   --tests EXPR   pytest -k expression for the CUDA tests (default: all tests marked cuda)
 #   --ops a,b      benchmarks to run (default: all benchmarks/bench_*.py)
 #   --sanitize     also run compute-sanitizer memcheck on a few small kernel tests
 #   --e2e          also run the end-to-end training benchmark (benchmarks/e2e_train.py) if present
+#   --generate     also run the generation benchmark (benchmarks/bench_generate.py --quick) if present
 # Afterwards, copy $OUT/device-bench.json (and the unpacked tarball) into benchmarks/results/.
 set -uo pipefail
-BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0
+BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0; GEN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift 2;;
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
     --full-bench) FULL=1; shift;;
     --sanitize) SANITIZE=1; shift;;
     --e2e) E2E=1; shift;;
+    --generate) GEN=1; shift;;
     *) echo "device_check.sh: unknown argument $1" >&2; exit 2;;
   esac
 done
@@ -82,6 +84,11 @@ fi
 if [ $E2E -eq 1 ] && [ -f benchmarks/e2e_train.py ] && [ "$(left)" -gt 60 ]; then
   status "end-to-end training benchmark"
   timeout $(( $(left) - 15 )) $PY -m benchmarks.e2e_train --out "$OUT/bench" 2>&1 | tail -20
+fi
+
+if [ $GEN -eq 1 ] && [ -f benchmarks/bench_generate.py ] && [ "$(left)" -gt 60 ]; then
+  status "generation benchmark (quick)"
+  timeout $(( $(left) - 15 )) $PY -m benchmarks.bench_generate --quick --out "$OUT/bench" 2>&1 | tail -20
 fi
 
 # At most 8 files come back: keep the JSON and logs at the top, pack the rest.
