@@ -215,9 +215,10 @@ def plot_op(rows, op, path, env) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "tflops" if "tflops" in rows[0] else "gbps" if "gbps" in rows[0] else "ms"
-    label = {"tflops": "TFLOP/s", "gbps": "GB/s", "ms": "ms"}[metric]
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    metric = next(m for m in ("tflops", "gbps", "tokens_per_s", "ms") if m == "ms" or m in rows[0])
+    label = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s", "ms": "ms"}[metric]
+    present = list(dict.fromkeys(r["mode"] for r in rows))
+    modes = [m for m in MODES if m in present] + [m for m in present if m not in MODES]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 1.2 * len(cases) * max(1, len(provs)) / 2), 3.2 * len(modes)),
@@ -237,6 +238,8 @@ def plot_op(rows, op, path, env) -> bool:
         ax.set_xticks([j + width * (len(provs) - 1) / 2 for j in range(len(cases))])
         ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(label)
+        if metric == "tokens_per_s":  # providers differ by orders of magnitude (generation)
+            ax.set_yscale("log")
         ax.set_title(f"{op} {mode} ({env.get('gpu') or 'cpu'}, torch {env.get('torch')})", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
 Finds every benchmarks/bench_<op>.py, runs its cases(quick) through the shared harness, prints a
 table and writes JSON, CSV and PNG charts (default benchmarks/results/, named by GPU and date).
+A bench file without cases() (bench_generate.py) is standalone: it is named and skipped here.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def main(argv=None):
         if op not in available_ops():
             ap.error(f"--ops: unknown op {op!r}; expected some of {available_ops()}")
         mod = importlib.import_module(f"benchmarks.bench_{op}")
+        if not hasattr(mod, "cases"):  # a standalone benchmark with its own command line
+            print(f"== {op}: standalone, run `python -m benchmarks.bench_{op}`")
+            continue
         print(f"== {op}")
         for case in mod.cases(args.quick):
             rows += harness.run_case(case, warmup=args.warmup, rep=args.rep)

@@ -10,7 +10,7 @@
 #
 # Usage (from the repo root, on the device):
 #   GPTK_GIT_COMMIT=<sha> bash tools/device_check.sh [--budget S] [--tests EXPR] [--ops a,b] [--no-bench]
-#                                                  [--sanitize] [--full-bench] [--e2e] [--hf] [--no-selftest]
+#                                                  [--sanitize] [--full-bench] [--e2e] [--hf] [--generate] [--no-selftest]
 #   --budget S     total seconds for the whole script (default 540); --test-budget S caps the tests (240)
 #   --tests EXPR   pytest -k expression for the CUDA tests (default: all tests marked cuda)
 #   --ops a,b      benchmarks to run (default: all benchmarks/bench_*.py)
@@ -19,9 +19,10 @@
 #   --no-selftest  skip the self-test (and its early stop)
 #   --hf           also run the Hugging Face benchmark (benchmarks/e2e_hf.py --quick: GPT-2 124M and a
 #                  125M Llama, eager / sdpa / gptkernels.hf.patch, train step + generate)
+#   --generate     also run the generation benchmark (benchmarks/bench_generate.py --quick) if present
 # Afterwards, copy $OUT/device-bench.json (and the unpacked tarball) into benchmarks/results/.
 set -uo pipefail
-BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0; SELFTEST=1; HF=0
+BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0; SELFTEST=1; HF=0; GEN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift 2;;
@@ -34,6 +35,7 @@ while [ $# -gt 0 ]; do
     --e2e) E2E=1; shift;;
     --no-selftest) SELFTEST=0; shift;;
     --hf) HF=1; shift;;
+    --generate) GEN=1; shift;;
     *) echo "device_check.sh: unknown argument $1" >&2; exit 2;;
   esac
 done
@@ -135,6 +137,11 @@ fi
 if [ $HF -eq 1 ] && [ -f benchmarks/e2e_hf.py ] && [ "$(left)" -gt 60 ]; then
   status "Hugging Face benchmark (e2e_hf --quick)"
   timeout $(( $(left) - 15 )) $PY -m benchmarks.e2e_hf --quick --out "$OUT/bench" 2>&1 | grep -v "^\[transformers\]" | tail -20
+fi
+
+if [ $GEN -eq 1 ] && [ -f benchmarks/bench_generate.py ] && [ "$(left)" -gt 60 ]; then
+  status "generation benchmark (quick)"
+  timeout $(( $(left) - 15 )) $PY -m benchmarks.bench_generate --quick --out "$OUT/bench" 2>&1 | tail -20
 fi
 
 # At most 8 files come back: keep the JSON and logs at the top, pack the rest.

@@ -2,7 +2,9 @@
 
   config.py       GPTConfig
   model.py        GPT: attention, Block, the model; forward, loss, sizes
-  generate.py     KV cache, sampling, GPT.generate
+  generate.py     GPT.generate: batched prompts, sampling, EOS
+  decode.py       the fixed-shape decode step: KV cache, sampling on the device, per-call state
+  cuda_graph.py   the decode step captured as a CUDA graph, kept per model and shape
   hf_gpt2.py      reading a Hugging Face GPT-2 folder (GPT.from_pretrained)
   classifier.py   GPTForSequenceClassification
   checkpoint.py   checkpoint files: atomic save, safe load, load_model (checkpoint or HF folder)

@@ -1,5 +1,8 @@
-"""Sampling from a GPT: a preallocated KV cache, next-token sampling (greedy, temperature,
-top-k, nucleus), batches of prompts of different lengths. GPT.generate calls generate() here.
+"""Sampling from a GPT: batches of prompts of different lengths, greedy / temperature / top-k /
+nucleus sampling with a KV cache, EOS, and CUDA-graph decoding. GPT.generate calls generate() here.
+
+The decode step itself (KV cache, sampling on the device, the per-call state) is in decode.py;
+the CUDA-graph runner in cuda_graph.py. KVCache and sample_next are re-exported here.
 
 Needs of the model (duck-typed, so this module imports none of it): `config` (n_layer,
 block_size, vocab_size), `hidden_states(idx, cache, cache_pos)`, `lm_logits(h)`, `_check_idx`.
@@ -8,56 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from gptkernels.gpt import cuda_graph as _graphs
+from gptkernels.gpt.decode import (DecodeState, KVCache, Sampling, batch_bucket, capacity_bucket, decode_loop,
+                                   draw_uniforms, sample_next)
 
-class KVCache:
-    """Keys and values of every layer for generation: per layer two (B, max_len, Hkv, D) buffers,
-    allocated once (at the first write, in the dtype the projections produce, e.g. under autocast)
-    and then written in place. Sequence b of a batch writes at its own positions."""
-
-    def __init__(self, n_layer: int, batch: int, max_len: int):
-        self.batch, self.max_len = batch, max_len
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_pos: torch.Tensor | None):
-        """Store k, v (B, T, Hkv, D) at positions cache_pos[b] + t (positions 0..T-1 when cache_pos
-        is None); return this layer's full (k, v) buffers."""
-        B, T, Hkv, D = k.shape
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(B, self.max_len, Hkv, D)
-            self.v[layer] = v.new_zeros(B, self.max_len, Hkv, D)
-        kc, vc = self.k[layer], self.v[layer]
-        if cache_pos is None:
-            kc[:, :T] = k
-            vc[:, :T] = v
-        else:
-            rows = torch.arange(B, device=k.device)[:, None]
-            cols = cache_pos[:, None] + torch.arange(T, device=k.device)
-            kc[rows, cols] = k
-            vc[rows, cols] = v
-        return kc, vc
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens. temperature 0 is greedy (argmax). Otherwise softmax of
-    logits / temperature, restricted to the top_k most likely tokens and/or the nucleus (the
-    smallest set of most likely tokens whose probability reaches top_p), then one draw per row.
-    The draw is argmax(p / E) with E ~ Exp(1) i.i.d. (what torch.multinomial does for one sample):
-    no host sync, reproducible with `generator`."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        p_sorted, order = probs.sort(dim=-1, descending=True)
-        outside = (p_sorted.cumsum(-1) - p_sorted) >= top_p  # the mass before this token already reaches top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, p_sorted.masked_fill(outside, 0.0))
-    e = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / e).argmax(-1)
+__all__ = ["generate", "pad_prompts", "KVCache", "sample_next"]
 
 
 def pad_prompts(prompts, pad_token_id: int = 0, device=None):
@@ -75,7 +33,8 @@ def pad_prompts(prompts, pad_token_id: int = 0, device=None):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-             prompt_lens=None, pad_token_id: int | None = None) -> torch.Tensor:
+             prompt_lens=None, pad_token_id: int | None = None, cuda_graph: bool | None = None,
+             capture: bool = True) -> torch.Tensor:
     """Continue each prompt by max_new_tokens tokens, sampling with a KV cache.
 
     idx (B, T) holds the prompts, right-padded when they differ in length, with prompt_lens (B,)
@@ -84,17 +43,26 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     then padding (out[b, :prompt_lens[b] + max_new_tokens] is sequence b).
 
     temperature 0 is greedy decoding; otherwise top_k / top_p restrict the sampling (sample_next).
-    seed makes the sampling reproducible (a torch.Generator on idx's device; without it the
-    global RNG). eos_token_id: a sequence that emits it is finished and emits pad_token_id from
+    seed makes the sampling reproducible: the call's random numbers (one per sequence and step)
+    come from a CPU torch.Generator seeded with it, so a seed draws the same numbers on every
+    device and on both paths below (without a seed: torch's global CPU generator).
+    eos_token_id: a sequence that emits it is finished and emits pad_token_id from
     then on (default eos_token_id); generation stops early when every sequence is finished.
     Positions past the end of a sequence hold pad_token_id (default eos_token_id, else 0).
     A prompt plus max_new_tokens longer than block_size is an error (no sliding window).
 
     How it runs: one forward over the prompts fills a cache preallocated for every layer
-    (B, L + max_new_tokens, Hkv, D); then each step feeds one token per sequence at its own
-    position, attending to its first kv_lens[b] cached keys (flash_attention with kv_lens). The
-    only host sync per step is the all-finished check, when eos_token_id is given. Dropout is
-    off while generating (eval mode; the previous mode is restored).
+    (B, capacity, Hkv, D), capacity = L + max_new_tokens rounded up (decode.capacity_bucket); then
+    each step feeds one token per sequence at its own position, attending to its first kv_lens[b]
+    cached keys (flash_attention with kv_lens), and samples the next on the device
+    (decode.DecodeState). Dropout is off while generating (eval mode; the previous mode is restored).
+
+    cuda_graph (default: on when idx is on a GPU; ignored on the CPU): capture the one-token step
+    in a CUDA graph and replay it (cuda_graph.py): the batch is padded to a bucket, a graph is kept
+    per (batch bucket, capacity, sampling mode) on the model and reused by later calls, the EOS
+    flags are read every 16 steps. With cuda_graph=False each step is launched from Python and
+    the EOS flags are read every step. Both give the same tokens. capture=False runs the graph
+    path's step op by op without capturing it (also on the CPU: how the tests check that code).
 
     Conditional generation is prefix conditioning: the prompt is the condition and the model
     continues it. With a tokenizer `tok`:
@@ -122,6 +90,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph: expected None (on a GPU), True or False, got {cuda_graph!r}")
     V = model.config.vocab_size
     for name, tid in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if tid is not None and not 0 <= tid < V:
@@ -148,26 +118,32 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if max_new_tokens == 0:
         return out
 
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    rows = torch.arange(B, device=device)
-    cache = KVCache(model.config.n_layer, B, L + max_new_tokens)
+    on_gpu = device.type == "cuda"
+    static = (on_gpu if cuda_graph is None else cuda_graph) and (on_gpu or not capture)
+    s = Sampling.of(temperature, top_k, top_p, eos_token_id, V)
+    u = None if s.greedy else draw_uniforms(max_new_tokens, B, seed)
+    # On a GPU both paths run the batch padded to its bucket, so they launch the same kernels on
+    # the same shapes (and the graph repeats the eager tokens exactly); padded rows: one token 0.
+    batch = batch_bucket(B) if (static or on_gpu) else B
+    capacity = capacity_bucket(L + max_new_tokens, model.config.block_size)
+    if batch > B:
+        prompt = torch.cat([prompt, prompt.new_zeros(batch - B, L)])
+        lens = torch.cat([lens, lens.new_ones(batch - B)])
+    call = (temperature, top_p, eos_token_id, fill)
     was_training = model.training
     model.eval()
     try:
-        h = model.hidden_states(prompt, cache)  # prefill: positions 0..L-1 of every sequence
-        logits = model.lm_logits(h[rows, lens - 1])
-        pos = lens.clone()  # where each sequence's next token goes
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_k, top_p, gen).to(idx.dtype)
-            if eos_token_id is not None:
-                tok = tok.masked_fill(finished, fill)
-                finished |= tok == eos_token_id
-            out[rows, pos] = tok
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-                break
-            logits = model.lm_logits(model.hidden_states(tok[:, None], cache, cache_pos=pos)[:, 0])
-            pos = pos + 1
+        if static:
+            with torch.inference_mode(False), torch.no_grad():  # the runner's tensors outlive this call
+                res = _graphs.decode_static(model, prompt.clone(), lens.clone(), B, max_new_tokens, capacity, s, u,
+                                            *call, capture=capture and on_gpu)
+        else:
+            state, cache = DecodeState(batch, capacity, device), KVCache(model.config.n_layer, batch, capacity)
+            state.reset(prompt, lens, B, u, *call)
+            state.prefill(model, cache, prompt, s)
+            decode_loop(state, max_new_tokens, s, lambda: state.step(model, cache, s), check_every=1)
+            res = state.out
     finally:
         model.train(was_training)
+    out.copy_(res[:B, :L + max_new_tokens])
     return out

@@ -8,7 +8,7 @@ On a CUDA device with the extension built, the ops run their kernels; anywhere e
   GPT.from_pretrained(dir)       a Hugging Face GPT-2 checkpoint directory (hf_gpt2.py; local files only)
   model(idx)                     -> (logits (B, T, V), None)                        inference
   model(idx, targets)            -> (None, loss)                                    training
-  model.generate(idx, n, ...)    sampling with a preallocated KV cache (generate.py)
+  model.generate(idx, n, ...)    sampling with a preallocated KV cache, CUDA graphs on a GPU (generate.py)
 
 The block is the pre-norm residual pattern with each residual add fused into the LayerNorm that
 follows it. A block takes and returns (hidden, residual): `hidden` is the previous block's last
@@ -42,7 +42,9 @@ from torch import nn
 
 from gptkernels.gpt import hf_gpt2
 from gptkernels.gpt.config import GPTConfig
-from gptkernels.gpt.generate import KVCache, generate
+from gptkernels.gpt import cuda_graph
+from gptkernels.gpt.decode import KVCache
+from gptkernels.gpt.generate import generate
 from gptkernels.nn.functional import add_layer_norm, flash_attention, linear_act, linear_cross_entropy
 from gptkernels.nn.modules import FusedMLP, LayerNorm
 
@@ -67,19 +69,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None):
-        """x (B, T, C). With a cache: store this chunk's k, v; when cache_pos (B,) is given the
-        chunk starts at position cache_pos[b] and attends to the cache's first cache_pos[b] + T keys
-        (causal, bottom-right aligned); without it the chunk is positions 0..T-1."""
+        """x (B, T, C). With a cache (begun for this forward, see KVCache.begin): store this chunk's
+        k, v; when cache_pos (B,) is given the chunk starts at position cache_pos[b] and attends to
+        the cache's first cache_pos[b] + T keys (causal, bottom-right aligned); without it the chunk
+        is positions 0..T-1."""
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = linear_act(x, self.c_attn.weight, self.c_attn.bias).view(B, T, H + 2 * Hkv, self.head_dim)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)  # views in the "bshd" layout, no copies
         kv_lens = None
         if cache is not None:
-            kc, vc = cache.write(self.layer_idx, k, v, cache_pos)
+            kc, vc = cache.write(self.layer_idx, k, v)
             if cache_pos is not None:
-                k, v = kc, vc
-                kv_lens = (cache_pos + T).to(torch.int32)
+                k, v, kv_lens = kc, vc, cache.kv_lens
         y, _ = flash_attention(q, k, v, causal=True, layout="bshd", kv_lens=kv_lens)
         return linear_act(y.reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
@@ -214,7 +216,9 @@ class GPT(nn.Module):
         if cache_pos is None:
             positions = torch.arange(T, device=idx.device)
         else:
-            positions = cache_pos[:, None] + torch.arange(T, device=idx.device)
+            positions = cache_pos[:, None] if T == 1 else cache_pos[:, None] + torch.arange(T, device=idx.device)
+        if cache is not None:
+            cache.begin(cache_pos, T)  # the KV write indices and kv_lens, once for every layer
         hidden, residual = self._embed(idx, positions), None
         for block in self.transformer.h:
             hidden, residual = block(hidden, residual, cache, cache_pos)
@@ -271,8 +275,14 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-                 prompt_lens=None, pad_token_id: int | None = None) -> torch.Tensor:
+                 prompt_lens=None, pad_token_id: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
         """Continue the prompts idx (B, T) by max_new_tokens tokens with a KV cache; temperature 0
-        is greedy. See gptkernels.gpt.generate.generate for every argument."""
+        is greedy; on a GPU the per-token step runs as a CUDA graph (cuda_graph=False: launched
+        from Python). See gptkernels.gpt.generate.generate for every argument."""
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, prompt_lens=prompt_lens, pad_token_id=pad_token_id)
+                        eos_token_id=eos_token_id, seed=seed, prompt_lens=prompt_lens, pad_token_id=pad_token_id,
+                        cuda_graph=cuda_graph)
+
+    def release_generation_graphs(self) -> None:
+        """Free the CUDA graphs and KV caches generate() keeps for reuse (gptkernels.gpt.cuda_graph)."""
+        cuda_graph.release(self)
