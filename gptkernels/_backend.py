@@ -179,7 +179,7 @@ def use_kernel(op: str, tensors, unsupported: str | None = None) -> bool:
                                f"{EXT_ERROR}")
         _warn_once(op, "the CUDA extension is not built")
         return False
-    if unsupported is None and isinstance(tensors[0].device, torch.device):
+    if unsupported is None and isinstance(tensors[0].device, torch.device) and tensors[0].device.type == "cuda":
         unsupported = _device_unsupported(tensors[0].device)
     if unsupported is None and _verifier is not None:
         unsupported = _verifier(op, tensors[0].device)

@@ -162,7 +162,7 @@ def test_auto_mode_falls_back_with_one_warning_and_kernel_mode_raises(tmp_path, 
         assert _backend.use_kernel("bias_act", t) is False
     assert len(record) == 1
     msg = str(record[0].message)
-    assert "gptkernels.bias_act: using the PyTorch reference path (failed the self-test on Fake GPU" in msg
+    assert "gptkernels.bias_act: using the PyTorch fallback (failed the self-test on Fake GPU" in msg
     assert "bias_act_fwd/bwd bf16" in msg and "y error" in msg
     assert _backend.use_kernel("layer_norm", t) is True  # passed its check
     with gptkernels.backend("kernel"), pytest.raises(ValueError, match="failed the self-test on Fake GPU"):
