@@ -615,7 +615,7 @@ def _bhsd_strides(t, layout):
 
 
 def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_lens=None, decode=False, bwd=False,
-                  deterministic=False, with_dlse=False, huge_kv_batch_stride=0):
+                  deterministic=False, with_dlse=False, huge_kv_batch_stride=0, head_splits=0):
     import test_attention as ta  # the CUDA tests' criterion: error <= 2 x PyTorch's low-precision error
     from gptkernels.ops import attention as A
 
@@ -683,8 +683,10 @@ def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_l
     dq, dk, dv = (poison(torch.empty_like(t)) for t in (q, k, v))
     bptrs = (vp * 8)(*[t.data_ptr() for t in (q, k, v, out, dout, dq, dk, dv)])
     bstrides = (ctypes.c_int64 * 24)(*sum((_bhsd_strides(t, layout) for t in (q, k, v, out, dout, dq, dk, dv)), []))
-    bdims = (ctypes.c_int * 9)(B, Hq, Hkv, Sq, Sk, D, int(causal), DTYPE_CODE[dt], int(deterministic))
+    bdims = (ctypes.c_int * 10)(B, Hq, Hkv, Sq, Sk, D, int(causal), DTYPE_CODE[dt], int(deterministic), 1)
     bargs = (bptrs, bstrides, ptr(lse), ptr(dlse), bdims, ctypes.c_float(scale))
+    # query-head slices per GQA group: forced by the case, else the launcher's choice for n_sms
+    bdims[9] = head_splits or bind(lib, "emu_flash_bwd_head_splits", ctypes.c_int, *fargs, ctypes.c_int)(*bargs, n_sms)
     splits = bind(lib, "emu_flash_bwd_dq_splits", ctypes.c_int, *fargs, ctypes.c_int)(*bargs, n_sms)
     nbytes = bind(lib, "emu_flash_bwd_workspace", ctypes.c_int64, *fargs, ctypes.c_int)(*bargs, splits)
     ws = torch.empty(nbytes, dtype=torch.uint8)

@@ -222,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   set_problem(p, s, causal, scale);
   p.deterministic = deterministic;
   p.dtype = to_dtype(q, "q");
+  p.head_splits = attn::flash_bwd_head_splits(p, num_sms());
   const int splits = attn::flash_bwd_dq_splits(p, num_sms());
   at::Tensor ws = at::empty({static_cast<int64_t>(attn::flash_bwd_workspace_bytes(p, splits))},
                             q.options().dtype(at::kByte));

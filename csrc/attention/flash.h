@@ -64,6 +64,12 @@ struct FlashBwdParams {
   float* delta = nullptr;          // [B, Hq, Sq_pad]: rowsum(dO * O) - dlse
   float* dq_accum = nullptr;       // [splits, B, Hq, Sq, d] fp32
   int dq_splits = 1;
+  // GQA: the query heads of a group are shared by head_splits CTAs per key block (a divisor of
+  // Hq / Hkv, flash_bwd_head_splits; set before sizing the workspace). With more than one, each
+  // writes fp32 partial dK/dV to the workspace, summed in slice order by flash_bwd_convert_dkv.
+  int head_splits = 1;
+  float* dk_accum = nullptr;       // [head_splits, B, Hkv, Sk, d] fp32 (head_splits > 1 only)
+  float* dv_accum = nullptr;
 };
 
 // Forward (out, lse). Handles every Sq; for small Sq (decoding) flash_decode is faster.
@@ -78,6 +84,7 @@ cudaError_t flash_decode(FlashFwdParams params, void* workspace, int num_splits,
 // Backward: dq, dk, dv (dk/dv summed over the query heads sharing a K/V head). Non-deterministic by
 // default (fp32 atomics into dq); with deterministic=true every dq element is accumulated by one
 // thread in a fixed order into one of `dq_splits` slices that are then summed in order.
+int flash_bwd_head_splits(const FlashBwdParams& params, int num_sms);
 int flash_bwd_dq_splits(const FlashBwdParams& params, int num_sms);
 size_t flash_bwd_workspace_bytes(const FlashBwdParams& params, int dq_splits);
 cudaError_t flash_bwd(FlashBwdParams params, void* workspace, int dq_splits, cudaStream_t stream);
@@ -91,6 +98,7 @@ cudaError_t run_flash_bwd_sm80(const FlashBwdParams& params, cudaStream_t stream
 // Backward helpers (flash_bwd_prep.cu), run by flash_bwd around the main kernel.
 cudaError_t flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);
 cudaError_t flash_bwd_convert_dq(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_convert_dkv(const FlashBwdParams& params, cudaStream_t stream);
 
 // Tile sizes the launchers and workspace computations agree on.
 constexpr int kBwdRowPad = 128;   // lse_log2 / delta rows are padded to a multiple of this (>= kBlockM)

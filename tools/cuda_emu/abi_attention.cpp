@@ -30,7 +30,7 @@ gptk::attn::FlashFwdParams fwd_params(void* const* t, const int64_t* strides, fl
   return p;
 }
 
-// t: q, k, v, o, dout, dq, dk, dv; dims as above plus deterministic
+// t: q, k, v, o, dout, dq, dk, dv; dims as above plus deterministic, head_splits
 gptk::attn::FlashBwdParams bwd_params(void* const* t, const int64_t* strides, const float* lse, const float* dlse,
                                       const int* dims, float scale) {
   gptk::attn::FlashBwdParams p;
@@ -43,6 +43,7 @@ gptk::attn::FlashBwdParams bwd_params(void* const* t, const int64_t* strides, co
   p.causal = dims[6] != 0;
   p.dtype = (gptk::DType)dims[7];
   p.deterministic = dims[8] != 0;
+  p.head_splits = dims[9];
   p.scale = scale;
   return p;
 }
@@ -66,6 +67,11 @@ GPTK_EMU_EXPORT int64_t emu_flash_decode_workspace(void* const* t, const int64_t
 GPTK_EMU_EXPORT int emu_flash_decode(void* const* t, const int64_t* strides, float* lse, const int* kv_lens,
                                      const int* dims, float scale, void* workspace, int splits) {
   return (int)gptk::attn::flash_decode(fwd_params(t, strides, lse, kv_lens, dims, scale), workspace, splits, nullptr);
+}
+
+GPTK_EMU_EXPORT int emu_flash_bwd_head_splits(void* const* t, const int64_t* strides, const float* lse,
+                                              const float* dlse, const int* dims, float scale, int num_sms) {
+  return gptk::attn::flash_bwd_head_splits(bwd_params(t, strides, lse, dlse, dims, scale), num_sms);
 }
 
 GPTK_EMU_EXPORT int emu_flash_bwd_dq_splits(void* const* t, const int64_t* strides, const float* lse,
