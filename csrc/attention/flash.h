@@ -75,7 +75,8 @@ struct FlashBwdParams {
 // Forward (out, lse). Handles every Sq; for small Sq (decoding) flash_decode is faster.
 cudaError_t flash_fwd(FlashFwdParams params, cudaStream_t stream);
 
-// Split-KV decode (flash-decoding): for small Sq over a long cache. Needs a workspace of
+// Split-KV forward (flash-decoding, flash_decode.cu): for small Sq over a long cache (decoding,
+// chunked prefill, speculative decoding), any Sq. Needs a workspace of
 // flash_decode_workspace_bytes(params) bytes (0 when it runs unsplit).
 int flash_decode_num_splits(const FlashFwdParams& params, int num_sms);
 size_t flash_decode_workspace_bytes(const FlashFwdParams& params, int num_splits);
@@ -103,6 +104,10 @@ cudaError_t flash_bwd_convert_dkv(const FlashBwdParams& params, cudaStream_t str
 // Tile sizes the launchers and workspace computations agree on.
 constexpr int kBwdRowPad = 128;   // lse_log2 / delta rows are padded to a multiple of this (>= kBlockM)
 constexpr int kBwdBlockN = 128;   // key block of every backward configuration
+constexpr int kFwdBlockM = 128;   // query block of every forward configuration
+// flash_decode runs its CUDA-core kernel up to this many query rows per K/V head (Sq * Hq/Hkv) and
+// the tensor-core forward (split over the keys when it has too few CTAs) above.
+constexpr int kDecodeMaxRows = 16;
 
 }  // namespace attn
 }  // namespace gptk

@@ -42,6 +42,7 @@ struct FwdTraits {
   static constexpr int kSmemKV = kBlockN * kHeadDim * 2;
   static constexpr int kSmem = kSmemQ + 2 * kSmemKV + 256;  // + room to align the base to 256 bytes
   static_assert(kMT >= 1 && kBlockM % (16 * kNWarps) == 0, "kBlockM must give whole m16 tiles per warp");
+  static_assert(kBlockM == kFwdBlockM, "flash_decode_num_splits counts query tiles of kFwdBlockM rows");
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles are multiples of 16");
 };
 
