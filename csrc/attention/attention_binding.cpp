@@ -1,7 +1,7 @@
 // attention_binding.cpp: torch ops gptkernels::flash_attn_fwd / flash_attn_bwd / flash_attn_decode.
 //
-// flash_attn_decode is the split-KV forward for a few query rows over a long cache (no autograd;
-// gptkernels.ops.flash_attention routes to it when no gradient is needed and Sq * Hq/Hkv is small).
+// flash_attn_decode is the split-KV forward (flash_decode.cu; no autograd): gptkernels.ops.flash_attention
+// routes every call that needs no gradient to it, and it splits the keys when too few CTAs would run.
 //
 // Tensors arrive in the caller's layout ("bhsd" = (B, H, S, D) or "bshd" = (B, S, H, D)); the kernels
 // see (B, H, S, D) views with arbitrary batch/head/row strides, so nothing is transposed or copied

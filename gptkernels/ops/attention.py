@@ -16,7 +16,10 @@ Kernels (csrc/attention/, torch.ops.gptkernels.*):
 - flash_attn_bwd: backward from the saved lse (dq, dk, dv; dk/dv summed over the query heads that
   share a K/V head). Not deterministic by default (fp32 atomics into dq); `deterministic=True` (or
   torch.use_deterministic_algorithms(True)) accumulates dq in a fixed order instead.
-- flash_attn_decode: split-KV forward for small Sq (decoding over a KV cache), then a combine.
+- flash_attn_decode: the split-KV forward (no autograd), which flash_attention runs whenever no
+  gradient is needed: it splits the keys over several CTAs when one per query tile would leave SMs
+  idle (decoding, chunked prefill, speculative decoding over a long cache), sizes the splits from
+  kv_lens inside the kernel, and is the plain forward otherwise.
 Kernel head dims: multiples of 8 up to 128 (64 and 128 natively; others zero-padded to them).
 Other head dims, float32 inputs, and gradients through kv_lens fall back to the reference (with a
 one-time warning on a GPU). The CPU implementation of every op is the reference below.
@@ -152,8 +155,6 @@ _HAVE_FWD = _has_kernel("flash_attn_fwd")
 _HAVE_BWD = _has_kernel("flash_attn_bwd")
 _HAVE_DECODE = _has_kernel("flash_attn_decode")
 KERNEL_MAX_HEAD_DIM = 128
-# The split-KV decode kernel runs a forward (without autograd) when Sq * (Hq // Hkv) is at most this.
-DECODE_MAX_ROWS = 16
 
 
 def _out_like(q):
@@ -254,7 +255,7 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, l
     reason = kernel_unsupported_reason(q, D, Sq, Sk, scale, kv_lens, needs_grad)
     if _backend.use_kernel("flash_attention", (q, k, v, kv_lens), unsupported=reason):
         kl = None if kv_lens is None else kv_lens.to(torch.int32)
-        if not needs_grad and _HAVE_DECODE and Sq * (Hq // Hkv) <= DECODE_MAX_ROWS:
+        if not needs_grad and _HAVE_DECODE:  # (it picks its engine and number of key splits itself)
             return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl)
         return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic))
     out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
