@@ -313,6 +313,10 @@ def _attention_gqa_bwd_cases():
         Case("attn-bwd-bf16-d128-gqa4-hs4-70x150-deterministic-sms2", A, f,
              dict(dtype="bf16", B=1, Hq=4, Hkv=1, Sq=70, Sk=150, D=128, causal=False, bwd=True, head_splits=4,
                   deterministic=True, schedules=[(2, 1), (3, 2)]), sms=2),
+        # several dq slices (one per CTA of a (batch, K/V head)), summed in slice order
+        Case("attn-bwd-fp16-d64-40x300-causal-deterministic-dqsplits3-sms132", A, f,
+             dict(dtype="fp16", B=1, Hq=2, Hkv=2, Sq=40, Sk=300, D=64, causal=True, bwd=True, deterministic=True,
+                  expect_dq_splits=3, schedules=[(1, 1), (2, 2)]), sms=132),
         # the launcher's own choice of head_splits with 132 SMs (a group of 8 on one K/V head)
         Case("attn-bwd-bf16-d64-gqa8-auto-33x33-causal-sms132", A, f,
              dict(dtype="bf16", B=1, Hq=8, Hkv=1, Sq=33, Sk=33, D=64, causal=True, bwd=True, expect_head_splits=8),
@@ -688,7 +692,7 @@ def _bhsd_strides(t, layout):
 
 def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_lens=None, decode=False, bwd=False,
                   deterministic=False, with_dlse=False, huge_kv_batch_stride=0, head_splits=0, schedules=(),
-                  expect_splits=None, expect_head_splits=None):
+                  expect_splits=None, expect_head_splits=None, expect_dq_splits=None):
     """expect_splits: (lo, hi) bounds on the split-KV launcher's number of splits; schedules: extra
     (thread_order, block_order) runs of a deterministic backward, which must match bit for bit."""
     import test_attention as ta  # the CUDA tests' criterion: error <= 2 x PyTorch's low-precision error
@@ -767,6 +771,8 @@ def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_l
     if expect_head_splits is not None:
         assert bdims[9] == expect_head_splits, f"head_splits {bdims[9]}, expected {expect_head_splits}"
     splits = bind(lib, "emu_flash_bwd_dq_splits", ctypes.c_int, *fargs, ctypes.c_int)(*bargs, n_sms)
+    if expect_dq_splits is not None:
+        assert splits == expect_dq_splits, f"dq_splits {splits}, expected {expect_dq_splits}"
     nbytes = bind(lib, "emu_flash_bwd_workspace", ctypes.c_int64, *fargs, ctypes.c_int)(*bargs, splits)
     ws = torch.empty(nbytes, dtype=torch.uint8)
     lib.gptk_emu_reset()
