@@ -1,8 +1,9 @@
 // flash_bwd_kernel.cuh: FlashAttention-2 style backward on sm_80+ tensor cores (mma.sync).
 //
 // Design
-// - One CTA = one block of kBlockN keys of one (batch, K/V head). K and V stay in shared memory;
-//   the CTA walks every (query head of the GQA group, block of kBlockM queries) that sees these
+// - One CTA = one block of kBlockN keys of one (batch, K/V head) and one slice of the query heads
+//   of its GQA group (head_splits slices; one slice = the whole group). K and V stay in shared
+//   memory; the CTA walks every (query head of the slice, block of kBlockM queries) that sees these
 //   keys (causal: from the diagonal down), recomputing the probabilities from the saved
 //   log-sum-exp instead of storing the S x S matrix:
 //       S = Q K^T, P = exp(S*scale - lse)            (mask as in the forward)
@@ -10,20 +11,28 @@
 //       dV += P^T dO, dK += dS^T Q                     (registers, whole loop; dK scaled at the end)
 //       dQ += dS K                                     (fp32 atomics into a workspace, then scaled
 //                                                       and converted by flash_bwd_convert_dq)
-//   dK/dV of a K/V head thereby sum over its query heads in registers: no expanded copies.
+//   dK/dV of a K/V head thereby sum over its query heads in registers: no expanded copies. With
+//   several slices each CTA writes its fp32 partial dK/dV to a workspace and
+//   flash_bwd_convert_dkv sums the slices in slice order (deterministic in both modes).
+// - Grid order: the key-block index varies slowest, so under causal masking the key blocks that
+//   see the most queries run first and the light ones fill the tail (one CTA per SM).
 // - Three warp layouts over the same 8 warps: (kWarpsM_SdP x rest) for S and dP, (kWarpsN_dKV x
 //   rest) for dK/dV, (kWarpsM_dQ x rest) for dQ. P and dS go through shared memory (as 16-bit)
 //   because dV/dK need them transposed (ldmatrix.trans) and dQ in another layout.
 // - Q, dO, lse and delta of the next (head, query block) are prefetched with cp.async into a
 //   second buffer while the current one is processed; two barriers per step:
 //       wait + barrier | prefetch next | S, dP, P, dS -> smem | barrier | dV, dK, dQ (+atomics)
+// - Registers: FlashAttention-2's tiles hold 192 fp32 accumulators per thread (dK + dV + S + dP)
+//   in 255 registers; the per-key-block loop state (BwdCtx) lives in shared memory and indices,
+//   warp tiles and operand pointers are re-derived each step, so ptxas reports no spills for
+//   sm_80 and sm_90a.
 // - Rows past Sq: Q/dO are zero-filled and the preprocess pads lse with +inf, so P = 0 there and
 //   nothing reaches dK/dV; dQ atomics are predicated. Keys past Sk: zero-filled and masked. Fully
 //   masked rows (lse = -inf) are also given +inf: their P is exactly 0.
-// - Determinism: with params.deterministic the grid has dq_splits CTAs per (batch, K/V head);
-//   CTA x handles key blocks x, x + dq_splits, ... in order and adds into its own dq slice, where
-//   each element is only ever updated by one thread (fixed warp layout) in program order; the
-//   convert kernel sums the slices in slice order. Otherwise one CTA per key block, one slice,
+// - Determinism: with params.deterministic the grid has dq_splits CTAs per (batch, K/V head,
+//   slice); CTA x handles key blocks x, x + dq_splits, ... in order and adds into its own dq slice,
+//   where each element is only ever updated by one thread (fixed warp layout) in program order;
+//   the convert kernel sums the slices in slice order. Otherwise one CTA per key block, one slice,
 //   and the order of the atomics (hence the fp32 rounding of dQ) varies from run to run.
 #pragma once
 
@@ -62,13 +71,13 @@ struct BwdTraits {
   static constexpr int kOffLse = kOffdS + kTileP, kOffDelta = kOffLse + 2 * kBlockM * 4;
   static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 256;  // + alignment slack
   static_assert(kOffLse % 256 == 0, "tiles must stay 256-byte aligned");
+  static_assert(kSmem + 256 <= 163 * 1024, "fits A100's 163 KB per block, with the static BwdCtx");
 };
 
-// Tile configurations. Key blocks of 128 (as FlashAttention-2: the dQ atomics scale with the
-// number of key blocks) and 8 warps. dK + dV hold 2 * 128 * d / 256 registers per thread (64 or
-// 128), so the query block is sized to fit the rest without spills under nvcc 13: 64 queries
-// for d=64 (S + dP: 64 registers), 32 for d=128 (S + dP: 32; FlashAttention-2's 64 spills here).
-// Shared memory: 97 KB (d=64), 113 KB (d=128).
+// Tile configurations: FlashAttention-2's for GPUs with >= 144 KB of shared memory per block
+// (A100, H100): 64 x 128 (queries x keys) at d=128 with warp layouts 2/4/2, 128 x 128 at d=64 with
+// 4/4/4, 8 warps. Key blocks of 128 (the dQ atomics scale with the number of key blocks).
+// Shared memory: ~161 KB (d=128), ~162 KB (d=64), under A100's 163 KB per block.
 template <int kHeadDim>
 struct BwdConfig;
 template <>

@@ -1,7 +1,7 @@
 // flash_fwd_kernel.cuh: FlashAttention-2 style forward on sm_80+ tensor cores (mma.sync).
 //
 // Design
-// - One CTA = one (batch, query head, block of kBlockM query rows); 4 warps, each owning
+// - One CTA = one (batch, query head, block of kBlockM query rows, key split); 4 warps, each owning
 //   kBlockM/4 rows (two m16 tiles), so every K/V fragment read from shared memory feeds two mmas.
 //   The S x S score matrix never exists: the CTA walks the K/V blocks of kBlockN keys, computing
 //   S = Q K^T, an online softmax (softmax.cuh) and O += P V in registers.
@@ -12,10 +12,22 @@
 // - K/V blocks are visited from the last to the first, so the only blocks that need masking
 //   (the causal diagonal, keys past kv_len) come first; others skip the mask math.
 // - P goes from the S accumulators to the A operand of P V without shared memory (the C layout
-//   of m16n8 pairs equals the A layout of m16k16); V is read with ldmatrix.trans.
+//   of m16n8 pairs equals the A layout of m16k16), packed to 16 bits as it is exponentiated;
+//   V is read with ldmatrix.trans.
+// - Registers: FlashAttention-2's tiles hold 192 fp32 accumulators per thread (O: 2 x 16 x 4 at
+//   d=128 or 2 x 8 x 4 at d=64; S: 2 x 8 x 4 or 2 x 16 x 4) in 255 registers. What else the loop
+//   needs is kept out of registers: the per-CTA pointers and lengths (FwdCtx) and the softmax row
+//   sums live in shared memory and are read back after barriers, per-thread indices and operand
+//   pointers are re-derived from threadIdx each iteration, and the row sums are taken from the
+//   packed P (the fp32 probabilities die as they are packed). ptxas reports no spills for sm_80
+//   and sm_90a with ~25 registers to spare (tools/ptxas_report.py).
 // - Rows past Sq and keys past kv_len are zero-filled by cp.async (src-size 0), never read.
 //   Rows that see no key (causal with Sq > kv_len) give zeros and lse = -inf.
 // - Causal work is uneven: the CTAs of the last query blocks (most keys) are launched first.
+// - Split-KV (num_splits > 1, run by flash_decode when one CTA per query tile would leave SMs
+//   idle): each CTA takes an equal share of the key blocks its tile sees (counted from kv_lens[b]
+//   in the kernel) and writes its normalised fp32 partial output and lse to the workspace for
+//   flash_decode_combine; a split with no block writes lse = -inf.
 // - The output goes registers -> shared (reusing Q's buffer) -> 16-byte coalesced stores.
 // - 64-bit offsets for every global address; int for in-tile indices.
 #pragma once
@@ -46,11 +58,9 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles are multiples of 16");
 };
 
-// The tile configuration of each head dim. Two m16 tiles per warp (each K/V fragment read from
-// shared memory feeds two mmas) and the widest key block that compiles without register spills:
-// FlashAttention-2's 128x128 (d=64) and 128x64 (d=128) tiles need 192 accumulator registers and
-// spill under nvcc 13 with this code, so the key blocks are halved: acc_o + acc_s = 64 + 64
-// (d=64) and 128 + 32 (d=128) registers. Shared memory: 32 KB and 48 KB (+256 B alignment).
+// The tile configuration of each head dim: FlashAttention-2's choices for A100/H100 (sm_80 path):
+// 128 x 64 at d=128 and 128 x 128 at d=64, 4 warps. Shared memory: 64 KB (d=128), 48 KB (d=64),
+// + 256 B alignment + 2 KB of row sums.
 template <int kHeadDim>
 struct FwdConfig;
 template <>
