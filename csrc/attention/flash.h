@@ -95,6 +95,9 @@ template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd_sm80(const FlashFwdParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd_sm80(const FlashBwdParams& params, cudaStream_t stream);
+// split-KV forward (flash_decode.cu): params.num_splits / o_accum / lse_accum already set.
+template <typename T, int kHeadDim>
+cudaError_t run_flash_decode_sm80(const FlashFwdParams& params, cudaStream_t stream);
 
 // Backward helpers (flash_bwd_prep.cu), run by flash_bwd around the main kernel.
 cudaError_t flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);

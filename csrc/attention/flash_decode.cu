@@ -50,14 +50,19 @@ constexpr int kDecStages = 3;   // cp.async ring depth: two stages in flight whi
 constexpr float kDecLog2e = 1.4426950408889634f;
 constexpr float kDecLn2 = 0.6931471805599453f;
 
+constexpr int pow2_at_least(int x) { return x <= 1 ? 1 : 2 * pow2_at_least((x + 1) / 2); }
+
 template <int kHeadDim>
 struct DecodeConfig {
-  static constexpr int kLanes = kHeadDim / 8;                  // lanes per key (one 16-byte chunk each)
+  // lanes per key, one 16-byte chunk each (a power of two: lanes past d/8 hold zeros)
+  static constexpr int kLanes = pow2_at_least(kHeadDim / 8);
+  static_assert(kLanes <= 32, "a key's chunks fit in one warp (head dims up to 256)");
+  static constexpr int kWidth = kLanes * 8;                    // dims the lanes of a key cover (>= d)
   static constexpr int kKeysPerPass = kDecThreads / kLanes;    // 16 (d=64) or 8 (d=128)
   static constexpr int kUnroll = 2;                            // passes per stage
   static constexpr int kStageKeys = kKeysPerPass * kUnroll;
   static constexpr int kKBytes = kUnroll * kDecThreads * 16;   // one stage of K (= of V): 4 KB
-  static_assert(kKBytes == kStageKeys * kHeadDim * 2, "a stage is whole keys");
+  static_assert(kKBytes == kStageKeys * kWidth * 2, "a stage is whole keys");
 };
 
 template <typename T, int kHeadDim>
@@ -66,10 +71,11 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
   constexpr int kL = Cfg::kLanes, kU = Cfg::kUnroll, kStageKeys = Cfg::kStageKeys;
   // The ring (3 x 8 KB); reused after the loop for the cross-warp merge.
   __shared__ __align__(16) char s_ring[kDecStages][2 * Cfg::kKBytes];
-  static_assert(sizeof(float) * kDecWarps * kDecRows * (kHeadDim + 2) <= sizeof(s_ring), "merge fits the ring");
-  float (*s_o)[kDecRows][kHeadDim] = reinterpret_cast<float (*)[kDecRows][kHeadDim]>(&s_ring[0][0]);
+  constexpr int kW = Cfg::kWidth;
+  static_assert(sizeof(float) * kDecWarps * kDecRows * (kW + 2) <= sizeof(s_ring), "merge fits the ring");
+  float (*s_o)[kDecRows][kW] = reinterpret_cast<float (*)[kDecRows][kW]>(&s_ring[0][0]);
   float (*s_ml)[kDecRows][2] =
-      reinterpret_cast<float (*)[kDecRows][2]>(&s_ring[0][0] + sizeof(float) * kDecWarps * kDecRows * kHeadDim);
+      reinterpret_cast<float (*)[kDecRows][2]>(&s_ring[0][0] + sizeof(float) * kDecWarps * kDecRows * kW);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = tid / kL, l = tid % kL;
@@ -263,8 +269,8 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
   __syncthreads();
 
   // Final: thread t handles dims e of row r for (r, e) = t, t + 128, ...
-  for (int idx = tid; idx < nrows * kHeadDim; idx += kDecThreads) {
-    const int r = idx / kHeadDim, e = idx % kHeadDim;
+  for (int idx = tid; idx < nrows * kW; idx += kDecThreads) {
+    const int r = idx / kW, e = idx % kW;
     if (e >= p.d) continue;
     float mx = -INFINITY;
 #pragma unroll
@@ -332,16 +338,36 @@ bool uses_decode_kernel(const FlashFwdParams& p) {
   return static_cast<int64_t>(p.hq / p.hkv) * p.sq <= kDecodeMaxRows;
 }
 
+}  // namespace
+
+// One dtype and head dim; flash_decode() has checked the problem and carved the workspace into
+// params (num_splits, o_accum, lse_accum). The CUDA-core kernel or the tensor-core forward, then
+// the combine when split.
 template <typename T, int kHeadDim>
-cudaError_t launch_decode(const FlashFwdParams& p, cudaStream_t stream) {
-  const int64_t row_groups = ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows);
-  const int64_t grid = static_cast<int64_t>(p.num_splits) * row_groups * p.batch * p.hkv;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+cudaError_t run_flash_decode_sm80(const FlashFwdParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  if (uses_decode_kernel(p)) {
+    const int64_t row_groups = ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows);
+    const int64_t grid = static_cast<int64_t>(p.num_splits) * row_groups * p.batch * p.hkv;
+    if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+    flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+    err = cudaGetLastError();
+  } else {
+    err = run_flash_fwd_sm80<T, kHeadDim>(p, stream);
+  }
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
+  const int64_t blocks = ceil_div(rows, 4);
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  flash_decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-}  // namespace
+template cudaError_t run_flash_decode_sm80<__nv_bfloat16, 64>(const FlashFwdParams&, cudaStream_t);
+template cudaError_t run_flash_decode_sm80<__nv_bfloat16, 128>(const FlashFwdParams&, cudaStream_t);
+template cudaError_t run_flash_decode_sm80<__half, 64>(const FlashFwdParams&, cudaStream_t);
+template cudaError_t run_flash_decode_sm80<__half, 128>(const FlashFwdParams&, cudaStream_t);
+
 
 int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
   // Sized from the cache capacity p.sk: the kernels cut the real length (kv_lens) into equal shares
@@ -380,18 +406,8 @@ cudaError_t flash_decode(FlashFwdParams p, void* workspace, int num_splits, cuda
     p.o_accum = static_cast<float*>(workspace);
     p.lse_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + (rows * p.d * sizeof(float) + 255) / 256 * 256);
   }
-  const bool decode_kernel = uses_decode_kernel(p);
-  cudaError_t err = HALF_DTYPE_SWITCH(p.dtype, T, [&] {
-    if (decode_kernel) return p.d <= 64 ? launch_decode<T, 64>(p, stream) : launch_decode<T, 128>(p, stream);
-    return p.d <= 64 ? run_flash_fwd_sm80<T, 64>(p, stream) : run_flash_fwd_sm80<T, 128>(p, stream);
-  });
-  if (err != cudaSuccess || num_splits == 1) return err;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
-  const int64_t blocks = ceil_div(rows, 4);
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   return HALF_DTYPE_SWITCH(p.dtype, T, [&] {
-    flash_decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
-    return cudaGetLastError();
+    return p.d <= 64 ? run_flash_decode_sm80<T, 64>(p, stream) : run_flash_decode_sm80<T, 128>(p, stream);
   });
 }
 
