@@ -172,12 +172,13 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
   // and the partial block at kv_len); the others skip it. Per-thread indices and shared-memory
   // operand pointers are re-derived from threadIdx each iteration (a few integer ops) instead of
   // being kept live next to the accumulators.
+  const uint32_t tid_reg = threadIdx.x;  // one register; everything derived from it is recomputed
   do {  // (n_block >= n_lo on entry; ctx is read only after the first barrier)
     const int n0 = n_block * kBlockN;
     float acc_s[kMT][kNT][4];
     cp_async_wait<0>();
     __syncthreads();  // K[n] (and Q, ctx) landed; every warp is done with V[n+1]
-    const int tid = static_cast<int>(opaque(threadIdx.x)), lane = tid & 31, warp = tid >> 5;
+    const int tid = static_cast<int>(opaque(tid_reg)), lane = tid & 31, warp = tid >> 5;
     const int warp_row0 = warp * Kt::kWarpRows;  // first row of this warp inside the tile
     const int kv_len = ctx.kv_len;
     load_tile_async<kBlockN, kHeadDim, kThreads>(sV, ctx.v + n0 * p.v.row_stride, p.v.row_stride, kv_len - n0,
@@ -207,7 +208,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
 
     // O += P V: A = P (packed by the softmax straight from the S accumulators: the C layout of an
     // m16n8 pair is the A layout of m16k16), B = V stored [k = key][n = d] (ldmatrix.trans).
-    const uint32_t pv = operand_b<kHeadDim, true>(sV, 0, static_cast<int>(opaque(threadIdx.x)) & 31);
+    const uint32_t pv = operand_b<kHeadDim, true>(sV, 0, static_cast<int>(opaque(tid_reg)) & 31);
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
 #pragma unroll
