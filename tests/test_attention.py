@@ -461,6 +461,32 @@ def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_split_kv_cache_far_below_capacity(D, sq, hq, hkv):
+    """The split-KV forward (flash_attn_decode) over a 4096-key cache filled to 1, 1000 and 4096
+    keys: the split ranges come from kv_lens inside the kernels. Sq * Hq/Hkv <= 16 runs the CUDA-core
+    kernel, more rows the tensor-core forward split over the keys (B = 3, H = 32: few query tiles)."""
+    B, S_max, dtype = 3, 4096, torch.bfloat16
+    q = torch.randn(B, sq, hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, S_max, hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, S_max, hkv, D, device="cuda", dtype=dtype)
+    kv_lens = torch.tensor([1, 1000, 4096], device="cuda", dtype=torch.int32)
+    for b, n in enumerate(kv_lens.tolist()):
+        k[b, n:], v[b, n:] = float("nan"), float("nan")
+    scale = 1.0 / math.sqrt(D)
+    for causal in (False, True):
+        out, lse = run_kernel_fwd(q, k, v, causal, scale, "bshd", kv_lens, decode=True)
+        ref, lse_ref = A.attention_ref(q, k, v, causal, scale, "bshd", kv_lens, upcast=True)
+        base, _ = A.attention_ref(q, k, v, causal, scale, "bshd", kv_lens, upcast=False)
+        assert_2x("out", out, ref, base, dtype)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+        fin = torch.isfinite(lse_ref)
+        assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item())
+
+
+@pytest.mark.cuda
 def test_fwd_small_sanitize():
     """Small shapes for compute-sanitizer runs (tools/device_check.sh --sanitize picks 'sanitize')."""
     for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:

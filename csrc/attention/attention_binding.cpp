@@ -1,8 +1,8 @@
 // attention_binding.cpp: torch ops gptkernels::flash_attn_fwd / flash_attn_bwd / flash_attn_decode (and
 // attention_impl: which implementation an op would use on a given GPU).
 //
-// flash_attn_decode is the split-KV forward for a few query rows over a long cache (no autograd;
-// gptkernels.ops.flash_attention routes to it when no gradient is needed and Sq * Hq/Hkv is small).
+// flash_attn_decode is the split-KV forward (flash_decode.cu; no autograd): gptkernels.ops.flash_attention
+// routes every call that needs no gradient to it, and it splits the keys when too few CTAs would run.
 //
 // Tensors arrive in the caller's layout ("bhsd" = (B, H, S, D) or "bshd" = (B, S, H, D)); the kernels
 // see (B, H, S, D) views with arbitrary batch/head/row strides, so nothing is transposed or copied
@@ -233,6 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   p.deterministic = deterministic;
   p.dtype = to_dtype(q, "q");
   p.impl = impl_for(attn::AttnOp::kBwd, q);
+  p.head_splits = attn::flash_bwd_head_splits(p, num_sms());
   const int splits = attn::flash_bwd_dq_splits(p, num_sms());
   at::Tensor ws = at::empty({static_cast<int64_t>(attn::flash_bwd_workspace_bytes(p, splits))},
                             q.options().dtype(at::kByte));

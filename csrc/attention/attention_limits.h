@@ -36,8 +36,9 @@ constexpr int kNumHeadDims = static_cast<int>(sizeof(kHeadDims) / sizeof(kHeadDi
 constexpr int kMaxHeadDim = kHeadDims[kNumHeadDims - 1];
 constexpr int kHeadDimMultiple = 8;                     // rows move as 16-byte chunks (cp.async, ldmatrix)
 constexpr int64_t kMaxSeqLen = (int64_t(1) << 30) - 1;  // the mask arithmetic (i + Sk - Sq) stays in int32
-// Dispatch policy rather than a limit: without autograd, the split-KV decode kernel runs when a K/V
-// head serves at most this many query rows (Sq * Hq / Hkv); the forward kernel runs otherwise.
+// Dispatch policy rather than a limit: flash_decode (which every call without autograd runs) uses
+// its CUDA-core kernel when a K/V head serves at most this many query rows (Sq * Hq / Hkv), and the
+// tensor-core forward (split over the keys when it would have too few CTAs) above.
 constexpr int kDecodeMaxRows = 16;
 
 constexpr bool head_dims_valid() {

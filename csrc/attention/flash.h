@@ -67,7 +67,7 @@ struct FlashFwdParams {
   bool causal = false;
   DType dtype = DType::kBFloat16;
   Impl impl = Impl::kSm80;         // chosen by select_impl (the portable sm80 kernels by default)
-  // split-KV decode only: fp32 partial results (see flash_decode.cu); set by the launcher
+  // split-KV forward only (flash_decode): fp32 partial results (see flash_decode.cu); set by the launcher
   float* o_accum = nullptr;        // [splits, B, Hq, Sq, d]
   float* lse_accum = nullptr;      // [splits, B, Hq, Sq]
   int num_splits = 1;
@@ -88,6 +88,12 @@ struct FlashBwdParams {
   float* delta = nullptr;          // [B, Hq, Sq_pad]: rowsum(dO * O) - dlse
   float* dq_accum = nullptr;       // [splits, B, Hq, Sq, d] fp32
   int dq_splits = 1;
+  // GQA: the query heads of a group are shared by head_splits CTAs per key block (a divisor of
+  // Hq / Hkv, flash_bwd_head_splits; set before sizing the workspace). With more than one, each
+  // writes fp32 partial dK/dV to the workspace, summed in slice order by flash_bwd_convert_dkv.
+  int head_splits = 1;
+  float* dk_accum = nullptr;       // [head_splits, B, Hkv, Sk, d] fp32 (head_splits > 1 only)
+  float* dv_accum = nullptr;
 };
 
 // problem_error (attention_limits.h) of a params struct: "" when the kernels take it.
@@ -99,7 +105,8 @@ std::string problem_error(const Params& p) {
 // Forward (out, lse). Handles every Sq; for small Sq (decoding) flash_decode is faster.
 cudaError_t flash_fwd(FlashFwdParams params, cudaStream_t stream);
 
-// Split-KV decode (flash-decoding): for small Sq over a long cache. Needs a workspace of
+// Split-KV forward (flash-decoding, flash_decode.cu): for small Sq over a long cache (decoding,
+// chunked prefill, speculative decoding), any Sq. Needs a workspace of
 // flash_decode_workspace_bytes(params) bytes (0 when it runs unsplit).
 int flash_decode_num_splits(const FlashFwdParams& params, int num_sms);
 size_t flash_decode_workspace_bytes(const FlashFwdParams& params, int num_splits);
@@ -108,6 +115,7 @@ cudaError_t flash_decode(FlashFwdParams params, void* workspace, int num_splits,
 // Backward: dq, dk, dv (dk/dv summed over the query heads sharing a K/V head). Non-deterministic by
 // default (fp32 atomics into dq); with deterministic=true every dq element is accumulated by one
 // thread in a fixed order into one of `dq_splits` slices that are then summed in order.
+int flash_bwd_head_splits(const FlashBwdParams& params, int num_sms);
 int flash_bwd_dq_splits(const FlashBwdParams& params, int num_sms);
 size_t flash_bwd_workspace_bytes(const FlashBwdParams& params, int dq_splits);
 cudaError_t flash_bwd(FlashBwdParams params, void* workspace, int dq_splits, cudaStream_t stream);
@@ -119,17 +127,20 @@ template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd_sm80(const FlashFwdParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd_sm80(const FlashBwdParams& params, cudaStream_t stream);
-// sm80 split-KV decode (flash_decode.cu): params.num_splits / o_accum / lse_accum already set.
+// sm80 split-KV forward (flash_decode.cu: its CUDA-core kernel or the tensor-core forward split over
+// the keys, then the combine): params.num_splits / o_accum / lse_accum already set.
 template <typename T, int kHeadDim>
 cudaError_t run_flash_decode_sm80(const FlashFwdParams& params, cudaStream_t stream);
 
 // Backward helpers (flash_bwd_prep.cu), run by flash_bwd around the main kernel.
 cudaError_t flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);
 cudaError_t flash_bwd_convert_dq(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_convert_dkv(const FlashBwdParams& params, cudaStream_t stream);
 
 // Tile sizes the launchers and workspace computations agree on.
 constexpr int kBwdRowPad = 128;   // lse_log2 / delta rows are padded to a multiple of this (>= kBlockM)
 constexpr int kBwdBlockN = 128;   // key block of every backward configuration
+constexpr int kFwdBlockM = 128;   // query block of every forward configuration
 
 }  // namespace attn
 }  // namespace gptk

@@ -1,8 +1,9 @@
 // flash_bwd_kernel.cuh: FlashAttention-2 style backward on sm_80+ tensor cores (mma.sync).
 //
 // Design
-// - One CTA = one block of kBlockN keys of one (batch, K/V head). K and V stay in shared memory;
-//   the CTA walks every (query head of the GQA group, block of kBlockM queries) that sees these
+// - One CTA = one block of kBlockN keys of one (batch, K/V head) and one slice of the query heads
+//   of its GQA group (head_splits slices; one slice = the whole group). K and V stay in shared
+//   memory; the CTA walks every (query head of the slice, block of kBlockM queries) that sees these
 //   keys (causal: from the diagonal down), recomputing the probabilities from the saved
 //   log-sum-exp instead of storing the S x S matrix:
 //       S = Q K^T, P = exp(S*scale - lse)            (mask as in the forward)
@@ -10,20 +11,28 @@
 //       dV += P^T dO, dK += dS^T Q                     (registers, whole loop; dK scaled at the end)
 //       dQ += dS K                                     (fp32 atomics into a workspace, then scaled
 //                                                       and converted by flash_bwd_convert_dq)
-//   dK/dV of a K/V head thereby sum over its query heads in registers: no expanded copies.
+//   dK/dV of a K/V head thereby sum over its query heads in registers: no expanded copies. With
+//   several slices each CTA writes its fp32 partial dK/dV to a workspace and
+//   flash_bwd_convert_dkv sums the slices in slice order (deterministic in both modes).
+// - Grid order: the key-block index varies slowest, so under causal masking the key blocks that
+//   see the most queries run first and the light ones fill the tail (one CTA per SM).
 // - Three warp layouts over the same 8 warps: (kWarpsM_SdP x rest) for S and dP, (kWarpsN_dKV x
 //   rest) for dK/dV, (kWarpsM_dQ x rest) for dQ. P and dS go through shared memory (as 16-bit)
 //   because dV/dK need them transposed (ldmatrix.trans) and dQ in another layout.
 // - Q, dO, lse and delta of the next (head, query block) are prefetched with cp.async into a
 //   second buffer while the current one is processed; two barriers per step:
 //       wait + barrier | prefetch next | S, dP, P, dS -> smem | barrier | dV, dK, dQ (+atomics)
+// - Registers: FlashAttention-2's tiles hold 192 fp32 accumulators per thread (dK + dV + S + dP)
+//   in 255 registers; the per-key-block loop state (BwdCtx) lives in shared memory and indices,
+//   warp tiles and operand pointers are re-derived each step, so ptxas reports no spills for
+//   sm_80 and sm_90a.
 // - Rows past Sq: Q/dO are zero-filled and the preprocess pads lse with +inf, so P = 0 there and
 //   nothing reaches dK/dV; dQ atomics are predicated. Keys past Sk: zero-filled and masked. Fully
 //   masked rows (lse = -inf) are also given +inf: their P is exactly 0.
-// - Determinism: with params.deterministic the grid has dq_splits CTAs per (batch, K/V head);
-//   CTA x handles key blocks x, x + dq_splits, ... in order and adds into its own dq slice, where
-//   each element is only ever updated by one thread (fixed warp layout) in program order; the
-//   convert kernel sums the slices in slice order. Otherwise one CTA per key block, one slice,
+// - Determinism: with params.deterministic the grid has dq_splits CTAs per (batch, K/V head,
+//   slice); CTA x handles key blocks x, x + dq_splits, ... in order and adds into its own dq slice,
+//   where each element is only ever updated by one thread (fixed warp layout) in program order;
+//   the convert kernel sums the slices in slice order. Otherwise one CTA per key block, one slice,
 //   and the order of the atomics (hence the fp32 rounding of dQ) varies from run to run.
 #pragma once
 
@@ -62,13 +71,13 @@ struct BwdTraits {
   static constexpr int kOffLse = kOffdS + kTileP, kOffDelta = kOffLse + 2 * kBlockM * 4;
   static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 256;  // + alignment slack
   static_assert(kOffLse % 256 == 0, "tiles must stay 256-byte aligned");
+  static_assert(kSmem + 256 <= 163 * 1024, "fits A100's 163 KB per block, with the static BwdCtx");
 };
 
-// Tile configurations. Key blocks of 128 (as FlashAttention-2: the dQ atomics scale with the
-// number of key blocks) and 8 warps. dK + dV hold 2 * 128 * d / 256 registers per thread (64 or
-// 128), so the query block is sized to fit the rest without spills under nvcc 13: 64 queries
-// for d=64 (S + dP: 64 registers), 32 for d=128 (S + dP: 32; FlashAttention-2's 64 spills here).
-// Shared memory: 97 KB (d=64), 113 KB (d=128).
+// Tile configurations: FlashAttention-2's for GPUs with >= 144 KB of shared memory per block
+// (A100, H100): 64 x 128 (queries x keys) at d=128 with warp layouts 2/4/2, 128 x 128 at d=64 with
+// 4/4/4, 8 warps. Key blocks of 128 (the dQ atomics scale with the number of key blocks).
+// Shared memory: ~161 KB (d=128), ~162 KB (d=64), under A100's 163 KB per block.
 template <int kHeadDim>
 struct BwdConfig {
   static_assert(kHeadDim < 0, "no backward tile configuration for this head dim (GPTK_ATTN_HEAD_DIMS lists it): "
@@ -76,11 +85,11 @@ struct BwdConfig {
 };
 template <>
 struct BwdConfig<64> {
-  using Traits = BwdTraits<64, 64, 128, 8, 2, 4, 4>;
+  using Traits = BwdTraits<64, 128, 128, 8, 4, 4, 4>;
 };
 template <>
 struct BwdConfig<128> {
-  using Traits = BwdTraits<128, 32, 128, 8, 2, 4, 2>;
+  using Traits = BwdTraits<128, 64, 128, 8, 2, 4, 2>;
 };
 
 __device__ __forceinline__ void atomic_add_pair(float* addr, float a, float b) {
@@ -92,11 +101,62 @@ __device__ __forceinline__ void atomic_add_pair(float* addr, float a, float b) {
 #endif
 }
 
+// Store a warp's fp32 accumulator tile (rows r0.., cols c0..) to a row-major fp32 matrix with
+// `ld` elements per row: rows < rows_valid and columns < ld only (8-byte stores).
+template <int MT, int NT>
+__device__ __forceinline__ void store_acc_f32(const float (&acc)[MT][NT][4], float* base, int ld, int rows_valid,
+                                              int r0, int c0, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = r0 + mt * 16 + (lane >> 2) + 8 * hh;
+      if (r >= rows_valid) continue;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int col = c0 + nt * 8 + 2 * (lane & 3);
+        if (col < ld)
+          *reinterpret_cast<float2*>(base + static_cast<int64_t>(r) * ld + col) =
+              make_float2(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+      }
+    }
+  }
+}
+
 // 16-byte cp.async of kRows fp32 values (rows of lse_log2 / delta; the buffers are padded).
 template <int kRows>
 __device__ __forceinline__ void load_rowvec_async(uint32_t smem, const float* gmem, int idx) {
   if (idx >= 0 && idx < kRows / 4) cp_async_16(smem + idx * 16, gmem + idx * 4, true);
 }
+
+// Which work a CTA does. blockIdx.x = x * (B * Hkv * head_splits) + (b * Hkv + hk) * head_splits + hs:
+// x (the key block, or in deterministic mode the first of the key blocks x, x + grid_n, ...) varies
+// slowest, so under causal masking the key blocks that see the most queries (the first ones) are
+// all launched first and the light ones fill the tail.
+struct BwdTile {
+  int x, hs, hk, b;
+  __device__ __forceinline__ BwdTile(const FlashBwdParams& p, unsigned bid) {
+    const unsigned rest = static_cast<unsigned>(p.batch) * p.hkv * p.head_splits;
+    x = static_cast<int>(bid / rest);
+    bid %= rest;
+    hs = static_cast<int>(bid % p.head_splits);
+    bid /= p.head_splits;
+    hk = static_cast<int>(bid % p.hkv);
+    b = static_cast<int>(bid / p.hkv);
+  }
+};
+
+// Per key block, what the query loop needs besides its accumulators, parked in shared memory by
+// thread 0 and read back after barriers (in registers across the loop these cost the few registers
+// that decide whether 192 fp32 accumulators fit in 255 without spills).
+struct BwdCtx {
+  int n0;        // first key of the block
+  int m_begin;   // first query block that sees these keys
+  int nm;        // query blocks per head from m_begin
+  int total;     // nm * heads of the slice: steps of the query loop
+  int h0;        // first query head of the slice
+  int b;
+};
 
 template <typename T, typename Kt>
 __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashBwdParams p) {
@@ -104,6 +164,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
   constexpr int kMT_s = Kt::kMT_s, kNT_s = Kt::kNT_s, kMT_kv = Kt::kMT_kv, kNT_kv = Kt::kNT_kv;
   constexpr int kMT_q = Kt::kMT_q, kNT_q = Kt::kNT_q;
   extern __shared__ __align__(128) char smem_raw[];
+  __shared__ BwdCtx ctx;
   char* smem = smem_raw + ((256u - (smem_u32(smem_raw) & 255u)) & 255u);
   const uint32_t s0 = smem_u32(smem);
   const uint32_t sK = s0 + Kt::kOffK, sV = s0 + Kt::kOffV, sQ = s0 + Kt::kOffQ, sdO = s0 + Kt::kOffdO;
@@ -111,91 +172,87 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
   const float* sLse = reinterpret_cast<const float*>(smem + Kt::kOffLse);
   const float* sDelta = reinterpret_cast<const float*>(smem + Kt::kOffDelta);
 
-  const int tid_ = threadIdx.x, tid = tid_, lane = tid & 31, warp = tid >> 5;
-  const int num_n_blocks = (p.sk + kBlockN - 1) / kBlockN;
-  const int num_m_blocks = (p.sq + kBlockM - 1) / kBlockM;
-  const int grid_n = p.deterministic ? p.dq_splits : num_n_blocks;
-  const int x = blockIdx.x % grid_n;
-  const int bh = blockIdx.x / grid_n;
-  const int hk = bh % p.hkv, b_ = bh / p.hkv;
-  const int group = p.hq / p.hkv;
-  const int sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
-  const int d_chunks = p.d / 8;
-  const MaskInfo mask{p.sk, p.sk - p.sq, p.causal};
-  const float scale_log2 = p.scale * kLog2e;
-  float* dq_accum = p.dq_accum + (p.deterministic ? static_cast<int64_t>(x) * p.batch * p.hq * p.sq * p.d : 0);
+  // Loop bounds are recomputed from the parameters where needed (through opaque(): not hoisted
+  // into registers that would stay live across the query loop).
+  auto num_n_blocks = [&] { return (static_cast<int>(opaque(static_cast<uint32_t>(p.sk))) + kBlockN - 1) / kBlockN; };
+  auto grid_n = [&] { return p.deterministic ? p.dq_splits : num_n_blocks(); };
 
-  // warp tiles
-  const int s_row0 = (warp / Kt::kWarpsN_SdP) * (kMT_s * 16), s_col0 = (warp % Kt::kWarpsN_SdP) * (kNT_s * 8);
-  const int kv_row0 = (warp / Kt::kWarpsD_dKV) * (kMT_kv * 16), kv_col0 = (warp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
-  const int q_row0 = (warp / Kt::kWarpsD_dQ) * (kMT_q * 16), q_col0 = (warp % Kt::kWarpsD_dQ) * (kNT_q * 8);
+  // Prefetch step `it` of the query loop (head h0 + it / nm, query block m_begin + it % nm) into
+  // buffer `buf`. Everything is derived from the arguments and the parameters (constant memory):
+  // the compiler recomputes the 64-bit offsets each step instead of keeping them live.
+  auto prefetch = [&](int it, int buf, int b, int h0, int m_begin, int nm) {
+    const int tid = static_cast<int>(opaque(threadIdx.x));
+    const int h = h0 + it / nm;
+    const int m0 = (m_begin + it % nm) * kBlockM;
+    const int rows = p.sq - m0;
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride;
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Kt::kTileQ, q + m0 * p.q.row_stride, p.q.row_stride,
+                                                 rows, p.d / 8, q, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Kt::kTileQ, dout + m0 * p.dout.row_stride,
+                                                 p.dout.row_stride, rows, p.d / 8, dout, tid);
+    const int sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
+    const int64_t row_off = (static_cast<int64_t>(b) * p.hq + h) * sq_pad + m0;
+    load_rowvec_async<kBlockM>(smem_u32(sLse + buf * kBlockM), p.lse_log2 + row_off, tid);
+    load_rowvec_async<kBlockM>(smem_u32(sDelta + buf * kBlockM), p.delta + row_off, tid - kBlockM / 4);
+  };
 
-  for (int n_block = x; n_block < num_n_blocks; n_block += grid_n) {
-    const int n0 = n_block * kBlockN;
-    // Query blocks that see some key of this block: causal rows i >= n0 - offset.
-    int m_begin = 0;
-    if (p.causal) m_begin = max(0, n0 - mask.offset) / kBlockM;
-    const int nm = max(0, num_m_blocks - m_begin);
-    const int total = nm * group;
+  for (int n_block = BwdTile(p, blockIdx.x).x; n_block < num_n_blocks();) {
+    {
+      const BwdTile tile(p, opaque(blockIdx.x));
+      const int tid = threadIdx.x;
+      const int n0 = n_block * kBlockN;
+      const int group = p.hq / p.hkv, heads = group / p.head_splits;  // query heads per group, per slice
+      const MaskInfo mask{p.sk, p.sk - p.sq, p.causal};
+      // Query blocks that see some key of this block: causal rows i >= n0 - offset.
+      const int num_m_blocks = (p.sq + kBlockM - 1) / kBlockM;
+      const int m_begin = p.causal ? max(0, n0 - mask.offset) / kBlockM : 0;
+      const int nm = max(0, num_m_blocks - m_begin);
+      const int h0 = tile.hk * group + tile.hs * heads;
+      if (tid == 0) ctx = BwdCtx{n0, m_begin, nm, nm * heads, h0, tile.b};
+      if (nm > 0) {
+        const T* kbase = static_cast<const T*>(p.k.ptr) + tile.b * p.k.batch_stride + tile.hk * p.k.head_stride;
+        const T* vbase = static_cast<const T*>(p.v.ptr) + tile.b * p.v.batch_stride + tile.hk * p.v.head_stride;
+        load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kbase + n0 * p.k.row_stride, p.k.row_stride, p.sk - n0,
+                                                     p.d / 8, kbase, tid);
+        load_tile_async<kBlockN, kHeadDim, kThreads>(sV, vbase + n0 * p.v.row_stride, p.v.row_stride, p.sk - n0,
+                                                     p.d / 8, vbase, tid);
+        prefetch(0, 0, tile.b, h0, m_begin, nm);
+        cp_async_commit();
+      }
+    }
 
     float acc_dk[kMT_kv][kNT_kv][4], acc_dv[kMT_kv][kNT_kv][4];
     clear(acc_dk);
     clear(acc_dv);
-
-    // Prefetch (query head, query block) number `it` into buffer `buf`.
-    // Indices go through opaque() so that the compiler recomputes the 64-bit offsets each step
-    // instead of keeping them live (or spilled) across the loop.
-    auto prefetch = [&](int it, int buf) {
-      const int b = static_cast<int>(opaque(static_cast<uint32_t>(b_)));  // (shadows nothing: b_ is the CTA's batch)
-      const int tid = static_cast<int>(opaque(static_cast<uint32_t>(tid_)));
-      const int h = hk * group + it / nm;
-      const int m0 = (m_begin + it % nm) * kBlockM;
-      const int rows = p.sq - m0;
-      const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride;
-      const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride;
-      load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Kt::kTileQ, q + m0 * p.q.row_stride, p.q.row_stride,
-                                                   rows, d_chunks, q, tid);
-      load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Kt::kTileQ, dout + m0 * p.dout.row_stride,
-                                                   p.dout.row_stride, rows, d_chunks, dout, tid);
-      const int64_t row_off = (static_cast<int64_t>(b) * p.hq + h) * sq_pad + m0;
-      load_rowvec_async<kBlockM>(smem_u32(sLse + buf * kBlockM), p.lse_log2 + row_off, tid);
-      load_rowvec_async<kBlockM>(smem_u32(sDelta + buf * kBlockM), p.delta + row_off, tid - kBlockM / 4);
-    };
-
-    if (total > 0) {
-      const int bo = static_cast<int>(opaque(static_cast<uint32_t>(b_)));
-      const T* kbase = static_cast<const T*>(p.k.ptr) + bo * p.k.batch_stride + hk * p.k.head_stride;
-      const T* vbase = static_cast<const T*>(p.v.ptr) + bo * p.v.batch_stride + hk * p.v.head_stride;
-      load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kbase + n0 * p.k.row_stride, p.k.row_stride, p.sk - n0,
-                                                   d_chunks, kbase, tid);
-      load_tile_async<kBlockN, kHeadDim, kThreads>(sV, vbase + n0 * p.v.row_stride, p.v.row_stride, p.sk - n0,
-                                                   d_chunks, vbase, tid);
-      prefetch(0, 0);
-      cp_async_commit();
-    }
-
-    for (int it = 0; it < total; ++it) {
+    __syncthreads();  // ctx is written (no warp reads it before this barrier)
+    for (int it = 0; it < ctx.total; ++it) {
       const int buf = it & 1;
-      const int h = hk * group + it / nm;
-      const int m0 = (m_begin + it % nm) * kBlockM;
       cp_async_wait<0>();
       __syncthreads();  // this step's Q/dO/lse/delta landed; every warp finished the previous step
-      if (it + 1 < total) {
-        prefetch(it + 1, buf ^ 1);
+      const int nm = ctx.nm, m_begin = ctx.m_begin;
+      if (it + 1 < ctx.total) {
+        prefetch(it + 1, buf ^ 1, ctx.b, ctx.h0, m_begin, nm);
         cp_async_commit();
       }
+      const int m0 = (m_begin + it % nm) * kBlockM;
       const uint32_t boff = static_cast<uint32_t>(buf * Kt::kTileQ);
-      // Operand pointers are rebuilt each step from an opaque lane id (a few integer ops) rather
-      // than kept live across the loop next to the 2 x kMT_kv x kNT_kv x 4 dK/dV accumulators.
-      const int ln = static_cast<int>(opaque(static_cast<uint32_t>(lane)));
+      // Warp tiles and operand pointers are rebuilt each step from an opaque thread id (a few
+      // integer ops) rather than kept live across the loop next to the dK/dV accumulators.
+      const int tid = static_cast<int>(opaque(threadIdx.x)), lane = tid & 31, warp = tid >> 5;
+      const int s_row0 = (warp / Kt::kWarpsN_SdP) * (kMT_s * 16), s_col0 = (warp % Kt::kWarpsN_SdP) * (kNT_s * 8);
 
       // S = Q K^T and dP = dO V^T (warp tile s_row0.., s_col0..)
       float acc_s[kMT_s][kNT_s][4], acc_dp[kMT_s][kNT_s][4];
       warp_gemm_ss<T, kMT_s, kNT_s, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
-          acc_s, operand_a<kHeadDim, false>(sQ + boff, s_row0, ln), operand_b<kHeadDim, false>(sK, s_col0, ln));
-      if (mask.tile_needs_mask(m0, n0, kBlockN)) apply_mask(acc_s, m0 + s_row0, n0 + s_col0, lane, mask);
+          acc_s, operand_a<kHeadDim, false>(sQ + boff, s_row0, lane), operand_b<kHeadDim, false>(sK, s_col0, lane));
+      {
+        const MaskInfo mask{p.sk, p.sk - p.sq, p.causal};
+        const int n0 = ctx.n0;
+        if (mask.tile_needs_mask(m0, n0, kBlockN)) apply_mask(acc_s, m0 + s_row0, n0 + s_col0, lane, mask);
+      }
       warp_gemm_ss<T, kMT_s, kNT_s, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
-          acc_dp, operand_a<kHeadDim, false>(sdO + boff, s_row0, ln), operand_b<kHeadDim, false>(sV, s_col0, ln));
+          acc_dp, operand_a<kHeadDim, false>(sdO + boff, s_row0, lane), operand_b<kHeadDim, false>(sV, s_col0, lane));
 
       // P = exp2(S * scale*log2e - lse*log2e); dS = P * (dP - delta)
       const float* lse_b = sLse + buf * kBlockM;
@@ -210,7 +267,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
           for (int nt = 0; nt < kNT_s; ++nt) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-              const float pr = fast_exp2(fmaf(acc_s[mt][nt][2 * hh + j], scale_log2, -lse2));
+              const float pr = fast_exp2(fmaf(acc_s[mt][nt][2 * hh + j], p.scale * kLog2e, -lse2));
               acc_s[mt][nt][2 * hh + j] = pr;
               acc_dp[mt][nt][2 * hh + j] = pr * (acc_dp[mt][nt][2 * hh + j] - dl);
             }
@@ -222,52 +279,69 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
       __syncthreads();  // P and dS complete
 
       // dV += P^T dO, dK += dS^T Q   (warp tile kv_row0.. keys x kv_col0.. dims; k = the query block)
-      warp_gemm_ss<T, kMT_kv, kNT_kv, kBlockM, kBlockN, kHeadDim, true, true>(
-          acc_dv, operand_a<kBlockN, true>(sP, kv_row0, ln), operand_b<kHeadDim, true>(sdO + boff, kv_col0, ln));
-      warp_gemm_ss<T, kMT_kv, kNT_kv, kBlockM, kBlockN, kHeadDim, true, true>(
-          acc_dk, operand_a<kBlockN, true>(sdS, kv_row0, ln), operand_b<kHeadDim, true>(sQ + boff, kv_col0, ln));
+      {
+        const int kv_row0 = (warp / Kt::kWarpsD_dKV) * (kMT_kv * 16);
+        const int kv_col0 = (warp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
+        warp_gemm_ss<T, kMT_kv, kNT_kv, kBlockM, kBlockN, kHeadDim, true, true>(
+            acc_dv, operand_a<kBlockN, true>(sP, kv_row0, lane), operand_b<kHeadDim, true>(sdO + boff, kv_col0, lane));
+        warp_gemm_ss<T, kMT_kv, kNT_kv, kBlockM, kBlockN, kHeadDim, true, true>(
+            acc_dk, operand_a<kBlockN, true>(sdS, kv_row0, lane), operand_b<kHeadDim, true>(sQ + boff, kv_col0, lane));
+      }
 
       // dQ (+)= dS K   (warp tile q_row0.. queries x q_col0.. dims; k = this key block)
-      float acc_dq[kMT_q][kNT_q][4];
-      warp_gemm_ss<T, kMT_q, kNT_q, kBlockN, kBlockN, kHeadDim, false, true, true>(
-          acc_dq, operand_a<kBlockN, false>(sdS, q_row0, ln), operand_b<kHeadDim, true>(sK, q_col0, ln));
-      const int bq = static_cast<int>(opaque(static_cast<uint32_t>(b_)));
-      float* dq_head = dq_accum + (static_cast<int64_t>(bq) * p.hq + h) * p.sq * p.d;
+      {
+        const int q_row0 = (warp / Kt::kWarpsD_dQ) * (kMT_q * 16), q_col0 = (warp % Kt::kWarpsD_dQ) * (kNT_q * 8);
+        float acc_dq[kMT_q][kNT_q][4];
+        warp_gemm_ss<T, kMT_q, kNT_q, kBlockN, kBlockN, kHeadDim, false, true, true>(
+            acc_dq, operand_a<kBlockN, false>(sdS, q_row0, lane), operand_b<kHeadDim, true>(sK, q_col0, lane));
+        const int h = ctx.h0 + it / nm;
+        const int64_t slice = p.deterministic ? static_cast<int64_t>(BwdTile(p, opaque(blockIdx.x)).x) : 0;
+        float* dq_head = p.dq_accum + ((slice * p.batch + ctx.b) * p.hq + h) * p.sq * p.d;
 #pragma unroll
-      for (int mt = 0; mt < kMT_q; ++mt) {
+        for (int mt = 0; mt < kMT_q; ++mt) {
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int row = m0 + q_row0 + mt * 16 + (lane >> 2) + 8 * hh;
-          if (row < p.sq) {
-            float* dq_row = dq_head + static_cast<int64_t>(row) * p.d;
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = m0 + q_row0 + mt * 16 + (lane >> 2) + 8 * hh;
+            if (row < p.sq) {
+              float* dq_row = dq_head + static_cast<int64_t>(row) * p.d;
 #pragma unroll
-            for (int nt = 0; nt < kNT_q; ++nt) {
-              const int col = q_col0 + nt * 8 + 2 * (lane & 3);
-              if (col < p.d) atomic_add_pair(dq_row + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
+              for (int nt = 0; nt < kNT_q; ++nt) {
+                const int col = q_col0 + nt * 8 + 2 * (lane & 3);
+                if (col < p.d) atomic_add_pair(dq_row + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
+              }
             }
           }
         }
       }
     }
 
-    // Epilogue: dK (scaled) and dV through shared memory (the K and V buffers) to global memory.
-    __syncthreads();  // every warp is done with K, V and the last step's buffers
+    // Epilogue of the key block. One slice (all query heads of the group in this CTA): dK (scaled)
+    // and dV through shared memory (the K and V buffers) to global memory. Several slices: this
+    // slice's fp32 partial sums to the workspace, reduced in slice order by flash_bwd_convert_dkv.
+    const int n0 = ctx.n0;
+    __syncthreads();  // every warp is done with K, V, the last step's buffers and ctx
     {
-      const int etid = static_cast<int>(opaque(threadIdx.x)), elane = etid & 31, ewarp = etid >> 5;
-      const int er0 = (ewarp / Kt::kWarpsD_dKV) * (kMT_kv * 16), ec0 = (ewarp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
-      store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dk, smem + Kt::kOffK, er0, ec0, elane, p.scale);
-      store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dv, smem + Kt::kOffV, er0, ec0, elane, 1.f);
+      const int tid = static_cast<int>(opaque(threadIdx.x)), lane = tid & 31, warp = tid >> 5;
+      const int r0 = (warp / Kt::kWarpsD_dKV) * (kMT_kv * 16), c0 = (warp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
+      const BwdTile tile(p, opaque(blockIdx.x));
+      if (p.head_splits > 1) {
+        const int64_t rows0 = ((static_cast<int64_t>(tile.hs) * p.batch + tile.b) * p.hkv + tile.hk) * p.sk + n0;
+        store_acc_f32(acc_dk, p.dk_accum + rows0 * p.d, p.d, p.sk - n0, r0, c0, lane);
+        store_acc_f32(acc_dv, p.dv_accum + rows0 * p.d, p.d, p.sk - n0, r0, c0, lane);
+      } else {
+        store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dk, smem + Kt::kOffK, r0, c0, lane, p.scale);
+        store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dv, smem + Kt::kOffV, r0, c0, lane, 1.f);
+        __syncthreads();
+        T* dk = static_cast<T*>(p.dk.ptr) + tile.b * p.dk.batch_stride + tile.hk * p.dk.head_stride +
+                n0 * p.dk.row_stride;
+        T* dv = static_cast<T*>(p.dv.ptr) + tile.b * p.dv.batch_stride + tile.hk * p.dv.head_stride +
+                n0 * p.dv.row_stride;
+        store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffK, dk, p.dk.row_stride, p.sk - n0, p.d / 8, tid);
+        store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffV, dv, p.dv.row_stride, p.sk - n0, p.d / 8, tid);
+      }
     }
-    __syncthreads();
-    {
-      const int etid = static_cast<int>(opaque(threadIdx.x));
-      const int bo = static_cast<int>(opaque(static_cast<uint32_t>(b_)));
-      T* dk = static_cast<T*>(p.dk.ptr) + bo * p.dk.batch_stride + hk * p.dk.head_stride + n0 * p.dk.row_stride;
-      T* dv = static_cast<T*>(p.dv.ptr) + bo * p.dv.batch_stride + hk * p.dv.head_stride + n0 * p.dv.row_stride;
-      store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffK, dk, p.dk.row_stride, p.sk - n0, d_chunks, etid);
-      store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffV, dv, p.dv.row_stride, p.sk - n0, d_chunks, etid);
-    }
-    __syncthreads();  // the next key block (deterministic mode) reloads K and V
+    __syncthreads();  // the next key block (deterministic mode) reloads K and V and rewrites ctx
+    n_block = n0 / kBlockN + grid_n();
   }
 }
 
@@ -276,7 +350,7 @@ cudaError_t run_flash_bwd_sm80(const FlashBwdParams& p, cudaStream_t stream) {
   using Kt = typename BwdConfig<kHeadDim>::Traits;
   const int64_t num_n_blocks = (p.sk + Kt::kBlockN - 1) / Kt::kBlockN;
   const int64_t grid_n = p.deterministic ? p.dq_splits : num_n_blocks;
-  const int64_t grid = grid_n * p.batch * p.hkv;
+  const int64_t grid = grid_n * p.batch * p.hkv * p.head_splits;
   if (grid <= 0) return cudaSuccess;
   if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
   auto kernel = flash_bwd_kernel<T, Kt>;

@@ -6,6 +6,8 @@
 //   and needs no row predicate.
 // - convert_dq: dq = scale * (sum of the fp32 dq slices, in slice order), converted to the input
 //   dtype and written with dq's strides (16-byte stores).
+// - convert_dkv (GQA with head_splits > 1 only): dk = scale * (sum of the fp32 partial dK slices,
+//   in slice order), dv = the sum of the dV slices, the same way.
 #include "attention/flash.h"
 #include "device.cuh"
 #include "static_switch.h"
@@ -76,6 +78,40 @@ __global__ void __launch_bounds__(kPrepThreads) flash_bwd_convert_dq_kernel(cons
   }
 }
 
+// dk = scale * (sum of the fp32 partial dK slices, in slice order), dv = the same sum of the dV
+// slices without the scale, converted to the input dtype and written with dk's / dv's strides.
+template <typename T>
+__global__ void __launch_bounds__(kPrepThreads) flash_bwd_convert_dkv_kernel(const FlashBwdParams p) {
+  const int chunks = p.d / 8;
+  const int64_t per_tensor = static_cast<int64_t>(p.batch) * p.hkv * p.sk * chunks;
+  const int64_t slice = static_cast<int64_t>(p.batch) * p.hkv * p.sk * p.d;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < 2 * per_tensor;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool is_v = i >= per_tensor;
+    const int64_t j = is_v ? i - per_tensor : i;
+    const int c = static_cast<int>(j % chunks);
+    const int64_t row = j / chunks;
+    const int r = static_cast<int>(row % p.sk);
+    const int64_t bh = row / p.sk;
+    const int h = static_cast<int>(bh % p.hkv), b = static_cast<int>(bh / p.hkv);
+    const float* src = (is_v ? p.dv_accum : p.dk_accum) + row * p.d + c * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < p.head_splits; ++s) {  // fixed order: deterministic
+      const float4 lo = *reinterpret_cast<const float4*>(src + s * slice);
+      const float4 hi = *reinterpret_cast<const float4*>(src + s * slice + 4);
+      acc[0] += lo.x; acc[1] += lo.y; acc[2] += lo.z; acc[3] += lo.w;
+      acc[4] += hi.x; acc[5] += hi.y; acc[6] += hi.z; acc[7] += hi.w;
+    }
+    const float mul = is_v ? 1.f : p.scale;
+    Pack<T> out;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(acc[e] * mul);
+    const TensorRef& t = is_v ? p.dv : p.dk;
+    T* dst = static_cast<T*>(t.ptr) + b * t.batch_stride + h * t.head_stride + r * t.row_stride + c * 8;
+    store_pack(dst, out);
+  }
+}
+
 }  // namespace
 
 cudaError_t flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
@@ -96,6 +132,16 @@ cudaError_t flash_bwd_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kPrepThreads), 32LL * num_sms());
   return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
     flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks), kPrepThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t flash_bwd_convert_dkv(const FlashBwdParams& p, cudaStream_t stream) {
+  const int64_t total = 2LL * p.batch * p.hkv * p.sk * (p.d / 8);
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kPrepThreads), 32LL * num_sms());
+  return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
+    flash_bwd_convert_dkv_kernel<T><<<static_cast<unsigned>(blocks), kPrepThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -1,21 +1,35 @@
-// flash_decode.cu: attention for a few query rows over a long KV cache (decoding), flash-decoding
-// style: the keys are split over many CTAs, each producing a partial (max, sum, output) per row,
-// and a combine kernel merges the splits. Forward only (out, lse), same semantics as flash_fwd.
+// flash_decode.cu: the split-KV forward (flash-decoding): a few query rows over a long KV cache
+// (decoding, chunked prefill, speculative decoding), with the keys split over many CTAs that each
+// produce a partial (output, lse) per row, merged by a combine kernel. Forward only (out, lse),
+// the same semantics as flash_fwd.
 //
-// Design
-// - Memory-bound: every K/V byte of the cache (up to kv_len) is read once per CTA row group. A
-//   CTA = (batch, K/V head, group of kRows query rows, key split); the rows are the (query head of
-//   the GQA group, query position) pairs sharing that K/V head, so K/V is read once for them all.
-// - 128 threads = 16 key slots of 8 lanes. A slot takes one key at a time; each lane holds 8 (d=64)
-//   or 16 (d=128) of its dimensions: 16-byte loads, a warp reads 4 whole K rows per instruction.
-//   kUnroll keys per slot are loaded before any math (several 16-byte loads in flight per thread).
-//   Scores: per-lane partial dot products reduced over the 8 lanes with 3 shuffles.
-// - Online softmax per slot (exp2 with the scale folded into q), then the 16 slots are merged:
-//   shuffles inside a warp, shared memory across the 4 warps.
-// - Keys past kv_len are never read (a static cache may hold anything there); rows that see no
-//   key give zeros and lse = -inf (also per split: the combine gives such splits zero weight).
-// - num_splits == 1 writes the final output directly; otherwise fp32 partial outputs (already
-//   normalised) and their lse go to a workspace and flash_decode_combine_kernel merges them:
+// Two engines, chosen per call by flash_decode:
+// - Up to kDecodeMaxRows query rows per K/V head (Sq * Hq/Hkv, e.g. one token of GQA decoding):
+//   flash_decode_kernel below, on CUDA cores (a tensor-core tile would be mostly padding).
+// - More rows: the tensor-core forward (flash_fwd_kernel.cuh) with its key blocks split over
+//   num_splits CTAs, used when one CTA per query tile would leave SMs idle (Sq = 64, B = 1, H = 32
+//   is 32 CTAs); num_splits == 1 is the plain forward.
+//
+// flash_decode_kernel
+// - A CTA = (batch, K/V head, group of kDecRows query rows, key split); the rows are the (query head
+//   of the GQA group, query position) pairs sharing that K/V head, so K/V is read once for them all.
+// - Split ranges come from the real length: each CTA reads kv_lens[b] and the causal limit of its
+//   rows, cuts that many keys into stages of kStageKeys, and takes an equal share of the stages.
+//   The host sizes num_splits from the cache capacity (it cannot see kv_lens without a sync), so a
+//   cache filled to 1 of 4096 runs a few busy splits of one stage each and the rest exit at once
+//   (the combine gives them zero weight: lse = -inf).
+// - 128 threads; a key is read by kLanes = d/8 lanes holding one 16-byte chunk each, so a pass
+//   covers 128/kLanes keys and a stage kUnroll passes. K and V stages are copied with cp.async into
+//   a kDecStages-deep ring in shared memory, kDecStages - 1 stages ahead of the math. Each thread
+//   copies exactly the chunks it later reads, so the ring needs no barrier: cp.async.wait_group
+//   alone makes a thread's own copies visible to it.
+// - Scores: per-lane partial dot products reduced over the kLanes lanes with shuffles; an online
+//   softmax per row (exp2, the scale folded into q) updated once per stage; the key slots and the
+//   4 warps are merged at the end (shuffles, then shared memory).
+// - Keys past kv_len are never read (zero-filled by cp.async; a static cache may hold anything
+//   there); rows that see no key give zeros and lse = -inf.
+// - num_splits == 1 writes the output directly; otherwise fp32 partial outputs (normalised) and
+//   their lse go to a workspace and flash_decode_combine_kernel merges them:
 //   out = sum_s exp(lse_s - lse) * o_s with lse = log sum_s exp(lse_s).
 #include <algorithm>
 #include <climits>
@@ -30,199 +44,251 @@ namespace attn {
 namespace {
 
 constexpr int kDecThreads = 128;
-constexpr int kDecSlots = kDecThreads / 8;  // keys in flight per CTA step (one per 8-lane slot)
-constexpr int kDecRows = 4;                 // query rows per CTA
+constexpr int kDecWarps = kDecThreads / 32;
+constexpr int kDecRows = 4;     // query rows per CTA
+constexpr int kDecStages = 3;   // cp.async ring depth: two stages in flight while one is consumed
 constexpr float kDecLog2e = 1.4426950408889634f;
 constexpr float kDecLn2 = 0.6931471805599453f;
 
+constexpr int pow2_at_least(int x) { return x <= 1 ? 1 : 2 * pow2_at_least((x + 1) / 2); }
+
 template <int kHeadDim>
 struct DecodeConfig {
-  static constexpr int kChunks = (kHeadDim + 63) / 64;        // 16-byte chunks per lane
-  static constexpr int kElems = kChunks * 8;                  // dims per lane
-  static constexpr int kWidth = kChunks * 64;                 // dims the 8 lanes of a slot cover
-  static constexpr int kUnroll = kChunks == 1 ? 4 : 2;        // keys per slot per step
-  static constexpr int kKeysPerStep = kDecSlots * kUnroll;
-};
-
-struct DecodeGeometry {
-  int row_groups;   // ceil(G * Sq / kDecRows)
-  int split_keys;   // keys per split (a multiple of kKeysPerStep)
+  // lanes per key, one 16-byte chunk each (a power of two: lanes past d/8 hold zeros)
+  static constexpr int kLanes = pow2_at_least(kHeadDim / 8);
+  static_assert(kLanes <= 32, "a key's chunks fit in one warp (head dims up to 256)");
+  static constexpr int kWidth = kLanes * 8;                    // dims the lanes of a key cover (>= d)
+  static constexpr int kKeysPerPass = kDecThreads / kLanes;    // 16 (d=64) or 8 (d=128)
+  static constexpr int kUnroll = 2;                            // passes per stage
+  static constexpr int kStageKeys = kKeysPerPass * kUnroll;
+  static constexpr int kKBytes = kUnroll * kDecThreads * 16;   // one stage of K (= of V): 4 KB
+  static_assert(kKBytes == kStageKeys * kWidth * 2, "a stage is whole keys");
 };
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kDecThreads) flash_decode_kernel(const FlashFwdParams p, DecodeGeometry geo) {
+__global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const FlashFwdParams p) {
   using Cfg = DecodeConfig<kHeadDim>;
-  constexpr int kE = Cfg::kElems, kU = Cfg::kUnroll;
-  __shared__ float s_m[4][kDecRows], s_l[4][kDecRows];
-  __shared__ float s_o[4][kDecRows][Cfg::kWidth];
+  constexpr int kL = Cfg::kLanes, kU = Cfg::kUnroll, kStageKeys = Cfg::kStageKeys;
+  // The ring (3 x 8 KB); reused after the loop for the cross-warp merge.
+  __shared__ __align__(16) char s_ring[kDecStages][2 * Cfg::kKBytes];
+  constexpr int kW = Cfg::kWidth;
+  static_assert(sizeof(float) * kDecWarps * kDecRows * (kW + 2) <= sizeof(s_ring), "merge fits the ring");
+  float (*s_o)[kDecRows][kW] = reinterpret_cast<float (*)[kDecRows][kW]>(&s_ring[0][0]);
+  float (*s_ml)[kDecRows][2] =
+      reinterpret_cast<float (*)[kDecRows][2]>(&s_ring[0][0] + sizeof(float) * kDecWarps * kDecRows * kW);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int slot = tid >> 3, l8 = lane & 7;
-  const int split = blockIdx.x % p.num_splits;
-  const int rest = blockIdx.x / p.num_splits;
-  const int rg = rest % geo.row_groups;
-  const int bh = rest / geo.row_groups;
-  const int hk = bh % p.hkv, b = bh / p.hkv;
+  const int slot = tid / kL, l = tid % kL;
   const int group = p.hq / p.hkv;
   const int rows_total = group * p.sq;
+  const int row_groups = (rows_total + kDecRows - 1) / kDecRows;
+  const int split = blockIdx.x % p.num_splits;
+  const int rest = blockIdx.x / p.num_splits;
+  const int rg = rest % row_groups;
+  const int bh = rest / row_groups;
+  const int hk = bh % p.hkv, b = bh / p.hkv;
+  const int row0 = rg * kDecRows;
+  const int nrows = min(kDecRows, rows_total - row0);  // valid rows of this CTA (uniform)
   int kv_len = p.sk;
   if (p.kv_lens != nullptr) kv_len = min(max(p.kv_lens[b], 0), p.sk);
-  const int offset = kv_len - p.sq;
-  const int k_begin = split * geo.split_keys;
-  const int k_end = min(k_begin + geo.split_keys, kv_len);
   const int d_chunks = p.d / 8;
-  const float qscale = p.scale * kDecLog2e;
 
-  // Query rows of this CTA: q pre-scaled so that scores come out in log2 units.
-  float q[kDecRows][kE];
-  int row_limit[kDecRows];  // keys [0, row_limit) are visible to the row (0 for padding rows)
+  // Keys [0, row_limit[r]) are visible to row r; this CTA's rows see keys [0, n_end).
+  int row_limit[kDecRows];
+  int n_end = 0;
 #pragma unroll
   for (int r = 0; r < kDecRows; ++r) {
-    const int rr = rg * kDecRows + r;
-    const bool valid = rr < rows_total;
-    const int g = valid ? rr / p.sq : 0, s = valid ? rr % p.sq : 0;
-    row_limit[r] = !valid ? 0 : (p.causal ? min(max(s + offset + 1, 0), kv_len) : kv_len);
-    const T* qp = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + (hk * group + g) * p.q.head_stride +
-                  s * p.q.row_stride;
-#pragma unroll
-    for (int c = 0; c < Cfg::kChunks; ++c) {
-      const int chunk = l8 + 8 * c;
-      Pack<T> v;
-      if (valid && chunk < d_chunks) {
-        v = load_pack(qp + chunk * 8);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v.v[j] = from_float<T>(0.f);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[r][c * 8 + j] = to_float(v.v[j]) * qscale;
-    }
+    const int s = (row0 + r) % p.sq;
+    row_limit[r] = r >= nrows ? 0 : (p.causal ? min(max(s + kv_len - p.sq + 1, 0), kv_len) : kv_len);
+    n_end = max(n_end, row_limit[r]);
   }
+  // This split's share of the stages that hold visible keys.
+  const int n_stages = (n_end + kStageKeys - 1) / kStageKeys;
+  const int per = (n_stages + p.num_splits - 1) / p.num_splits;
+  const int st_lo = split * per, st_hi = min(st_lo + per, n_stages);
+  const int k_end = min(st_hi * kStageKeys, n_end);
 
-  float m[kDecRows], l[kDecRows], o[kDecRows][kE];
-#pragma unroll
-  for (int r = 0; r < kDecRows; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) o[r][e] = 0.f;
+  auto out_row = [&](int r, int& h, int& s) {
+    const int rr = row0 + r;
+    h = hk * group + rr / p.sq;
+    s = rr % p.sq;
+  };
+  if (st_lo >= st_hi) {  // no key for this CTA: out = 0 and lse = -inf (a split's share: lse = -inf)
+    for (int idx = tid; idx < nrows * p.d; idx += kDecThreads) {
+      const int r = idx / p.d, e = idx % p.d;
+      int h, s;
+      out_row(r, h, s);
+      const int64_t row_global = (static_cast<int64_t>(b) * p.hq + h) * p.sq + s;
+      if (p.num_splits == 1) {
+        static_cast<T*>(p.o.ptr)[b * p.o.batch_stride + h * p.o.head_stride + s * p.o.row_stride + e] = from_float<T>(0.f);
+        if (e == 0) p.lse[row_global] = -INFINITY;
+      } else if (e == 0) {
+        p.lse_accum[static_cast<int64_t>(split) * p.batch * p.hq * p.sq + row_global] = -INFINITY;
+      }
+    }
+    return;
   }
 
   const T* kp = static_cast<const T*>(p.k.ptr) + b * p.k.batch_stride + hk * p.k.head_stride;
   const T* vp = static_cast<const T*>(p.v.ptr) + b * p.v.batch_stride + hk * p.v.head_stride;
-  for (int kb = k_begin; kb < k_end; kb += Cfg::kKeysPerStep) {
-    Pack<T> kv[kU][Cfg::kChunks], vv[kU][Cfg::kChunks];
-    int key[kU];
+  const uint32_t ring = smem_u32(&s_ring[0][0]) + tid * 16;
+  // Issue the copies of stage st into ring slot st % kDecStages (none past st_hi), then commit
+  // (always, so that the group count stays in step with the stages).
+  auto issue = [&](int st) {
+    if (st < st_hi) {
+      const uint32_t dst = ring + (st % kDecStages) * (2 * Cfg::kKBytes);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int key = st * kStageKeys + u * Cfg::kKeysPerPass + slot;
+        const bool ok = key < k_end && l < d_chunks;
+        cp_async_16(dst + u * kDecThreads * 16, ok ? kp + key * p.k.row_stride + l * 8 : kp, ok);
+        cp_async_16(dst + Cfg::kKBytes + u * kDecThreads * 16, ok ? vp + key * p.v.row_stride + l * 8 : vp, ok);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < kDecStages - 1; ++i) issue(st_lo + i);
+
+  // Query rows: q pre-scaled so that scores come out in log2 units (chunk l of each row).
+  float q[kDecRows][8];
+  const float qscale = p.scale * kDecLog2e;
+#pragma unroll
+  for (int r = 0; r < kDecRows; ++r) {
+    int h, s;
+    out_row(r, h, s);
+    Pack<T> v;
+    if (r < nrows && l < d_chunks) {
+      v = load_pack(static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride +
+                    s * p.q.row_stride + l * 8);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v.v[j] = from_float<T>(0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) q[r][j] = to_float(v.v[j]) * qscale;
+  }
+
+  float m[kDecRows], lsum[kDecRows], o[kDecRows][8];
+#pragma unroll
+  for (int r = 0; r < kDecRows; ++r) {
+    m[r] = -INFINITY;
+    lsum[r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[r][j] = 0.f;
+  }
+
+  for (int st = st_lo; st < st_hi; ++st) {
+    issue(st + kDecStages - 1);
+    cp_async_wait<kDecStages - 1>();  // this thread's copies of stage st landed
+    const char* buf = &s_ring[st % kDecStages][0] + tid * 16;
+    float sc[kU][kDecRows];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      key[u] = kb + u * kDecSlots + slot;
+      const Pack<T> kc = *reinterpret_cast<const Pack<T>*>(buf + u * kDecThreads * 16);
+      float kf[8];
 #pragma unroll
-      for (int c = 0; c < Cfg::kChunks; ++c) {
-        const int chunk = l8 + 8 * c;
-        if (key[u] < k_end && chunk < d_chunks) {
-          kv[u][c] = load_pack(kp + key[u] * p.k.row_stride + chunk * 8);
-          vv[u][c] = load_pack(vp + key[u] * p.v.row_stride + chunk * 8);
-        } else {
+      for (int j = 0; j < 8; ++j) kf[j] = to_float(kc.v[j]);
+      const int key = st * kStageKeys + u * Cfg::kKeysPerPass + slot;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) kv[u][c].v[j] = vv[u][c].v[j] = from_float<T>(0.f);
-        }
+      for (int r = 0; r < kDecRows; ++r) {
+        if (r >= nrows) break;
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc = fmaf(q[r][j], kf[j], acc);
+#pragma unroll
+        for (int sh = 1; sh < kL; sh <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, sh);
+        sc[u][r] = key < k_end && key < row_limit[r] ? acc : -INFINITY;
       }
+    }
+    float vf[kU][8];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const Pack<T> vc = *reinterpret_cast<const Pack<T>*>(buf + Cfg::kKBytes + u * kDecThreads * 16);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) vf[u][j] = to_float(vc.v[j]);
     }
 #pragma unroll
     for (int r = 0; r < kDecRows; ++r) {
-      float sc[kU];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        float acc = 0.f;
-#pragma unroll
-        for (int c = 0; c < Cfg::kChunks; ++c)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc = fmaf(q[r][c * 8 + j], to_float(kv[u][c].v[j]), acc);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-        sc[u] = key[u] < k_end && key[u] < row_limit[r] ? acc : -INFINITY;
-      }
+      if (r >= nrows) break;
       float mx = m[r];
 #pragma unroll
-      for (int u = 0; u < kU; ++u) mx = fmaxf(mx, sc[u]);
+      for (int u = 0; u < kU; ++u) mx = fmaxf(mx, sc[u][r]);
       if (mx == -INFINITY) continue;  // nothing visible yet for this row in this slot
       const float corr = fast_exp2(m[r] - mx);  // 0 when m was -inf
       m[r] = mx;
       float pu[kU], psum = 0.f;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        pu[u] = fast_exp2(sc[u] - mx);
+        pu[u] = fast_exp2(sc[u][r] - mx);
         psum += pu[u];
       }
-      l[r] = l[r] * corr + psum;
+      lsum[r] = lsum[r] * corr + psum;
 #pragma unroll
-      for (int c = 0; c < Cfg::kChunks; ++c)
+      for (int j = 0; j < 8; ++j) {
+        float acc = o[r][j] * corr;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          float acc = o[r][c * 8 + j] * corr;
-#pragma unroll
-          for (int u = 0; u < kU; ++u) acc = fmaf(pu[u], to_float(vv[u][c].v[j]), acc);
-          o[r][c * 8 + j] = acc;
-        }
+        for (int u = 0; u < kU; ++u) acc = fmaf(pu[u], vf[u][j], acc);
+        o[r][j] = acc;
+      }
     }
   }
+  cp_async_wait<0>();  // (only empty groups are left; nothing may be in flight into the ring)
 
-  // Merge the 4 slots of each warp (lanes differing in bits 3 and 4), then the 4 warps.
+  // Merge the key slots of each warp (lanes with the same chunk), then the warps.
 #pragma unroll
   for (int r = 0; r < kDecRows; ++r) {
 #pragma unroll
-    for (int sh = 8; sh <= 16; sh <<= 1) {
+    for (int sh = kL; sh < 32; sh <<= 1) {
       const float m2 = __shfl_xor_sync(0xffffffffu, m[r], sh);
-      const float l2 = __shfl_xor_sync(0xffffffffu, l[r], sh);
+      const float l2 = __shfl_xor_sync(0xffffffffu, lsum[r], sh);
       const float mx = fmaxf(m[r], m2);
       const float c1 = mx == -INFINITY ? 0.f : fast_exp2(m[r] - mx);
       const float c2 = mx == -INFINITY ? 0.f : fast_exp2(m2 - mx);
-      l[r] = l[r] * c1 + l2 * c2;
+      lsum[r] = lsum[r] * c1 + l2 * c2;
 #pragma unroll
-      for (int e = 0; e < kE; ++e) {
-        const float o2 = __shfl_xor_sync(0xffffffffu, o[r][e], sh);
-        o[r][e] = o[r][e] * c1 + o2 * c2;
+      for (int j = 0; j < 8; ++j) {
+        const float o2 = __shfl_xor_sync(0xffffffffu, o[r][j], sh);
+        o[r][j] = o[r][j] * c1 + o2 * c2;
       }
       m[r] = mx;
     }
   }
-  if (lane < 8) {
+  __syncthreads();  // every thread is done with its ring slots: the merge reuses them
+  if (lane < kL) {
 #pragma unroll
     for (int r = 0; r < kDecRows; ++r) {
       if (lane == 0) {
-        s_m[warp][r] = m[r];
-        s_l[warp][r] = l[r];
+        s_ml[warp][r][0] = m[r];
+        s_ml[warp][r][1] = lsum[r];
       }
 #pragma unroll
-      for (int c = 0; c < Cfg::kChunks; ++c)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s_o[warp][r][(l8 + 8 * c) * 8 + j] = o[r][c * 8 + j];
+      for (int j = 0; j < 8; ++j) s_o[warp][r][l * 8 + j] = o[r][j];
     }
   }
   __syncthreads();
 
   // Final: thread t handles dims e of row r for (r, e) = t, t + 128, ...
-  for (int idx = tid; idx < kDecRows * kHeadDim; idx += kDecThreads) {
-    const int r = idx / kHeadDim, e = idx % kHeadDim;
-    const int rr = rg * kDecRows + r;
-    if (rr >= rows_total || e >= p.d) continue;
+  for (int idx = tid; idx < nrows * kW; idx += kDecThreads) {
+    const int r = idx / kW, e = idx % kW;
+    if (e >= p.d) continue;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, s_m[w][r]);
-    float lsum = 0.f, acc = 0.f;
+    for (int w = 0; w < kDecWarps; ++w) mx = fmaxf(mx, s_ml[w][r][0]);
+    float ls = 0.f, acc = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float c = fast_exp2(s_m[w][r] - mx);
-        lsum += s_l[w][r] * c;
+      for (int w = 0; w < kDecWarps; ++w) {
+        const float c = fast_exp2(s_ml[w][r][0] - mx);
+        ls += s_ml[w][r][1] * c;
         acc += s_o[w][r][e] * c;
       }
     }
-    const bool any = lsum > 0.f;
-    const float out = any ? acc / lsum : 0.f;
-    const float lse = any ? (mx + log2f(lsum)) * kDecLn2 : -INFINITY;
-    const int g = rr / p.sq, s = rr % p.sq, h = hk * group + g;
+    const bool any = ls > 0.f;
+    const float out = any ? acc / ls : 0.f;
+    const float lse = any ? (mx + log2f(ls)) * kDecLn2 : -INFINITY;
+    int h, s;
+    out_row(r, h, s);
     const int64_t row_global = (static_cast<int64_t>(b) * p.hq + h) * p.sq + s;
     if (p.num_splits == 1) {
       T* op = static_cast<T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + s * p.o.row_stride;
@@ -236,7 +302,8 @@ __global__ void __launch_bounds__(kDecThreads) flash_decode_kernel(const FlashFw
   }
 }
 
-// One warp per output row: merge the splits' partial outputs by their lse.
+// One warp per output row: merge the splits' partial outputs by their lse (splits that saw no key
+// have lse = -inf and weigh nothing; their partial output is never read).
 template <typename T>
 __global__ void __launch_bounds__(128) flash_decode_combine_kernel(const FlashFwdParams p) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
@@ -266,46 +333,28 @@ __global__ void __launch_bounds__(128) flash_decode_combine_kernel(const FlashFw
   if (lane == 0) p.lse[row] = wsum > 0.f ? mx + logf(wsum) : -INFINITY;
 }
 
-// Row groups per (batch, K/V head); they do not depend on the head dim, so neither does the split count.
-int decode_row_groups(const FlashFwdParams& p) {
-  return static_cast<int>(ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows));
-}
-
-template <int kHeadDim>
-DecodeGeometry decode_geometry(const FlashFwdParams& p, int num_splits) {
-  constexpr int keys_per_step = DecodeConfig<kHeadDim>::kKeysPerStep;
-  DecodeGeometry geo;
-  geo.row_groups = decode_row_groups(p);
-  const int64_t per_split = ceil_div(p.sk, std::max(num_splits, 1));
-  geo.split_keys = static_cast<int>(std::max<int64_t>(ceil_div(per_split, keys_per_step) * keys_per_step, 1));
-  return geo;
+// The CUDA-core kernel for up to kDecodeMaxRows rows per K/V head, else the tensor-core forward.
+bool uses_decode_kernel(const FlashFwdParams& p) {
+  return static_cast<int64_t>(p.hq / p.hkv) * p.sq <= kDecodeMaxRows;
 }
 
 }  // namespace
 
-int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
-  const int64_t ctas = static_cast<int64_t>(p.batch) * p.hkv * decode_row_groups(p);
-  if (ctas <= 0) return 1;
-  const int64_t by_sms = ceil_div(2LL * num_sms, ctas);   // about two CTAs per SM
-  const int64_t by_keys = ceil_div(p.sk, 128);             // at least 128 keys per split
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::min(by_sms, by_keys), 64)));
-}
-
-size_t flash_decode_workspace_bytes(const FlashFwdParams& p, int num_splits) {
-  if (num_splits <= 1) return 0;
-  const size_t rows = static_cast<size_t>(num_splits) * p.batch * p.hq * p.sq;
-  return (rows * p.d * sizeof(float) + 255) / 256 * 256 + rows * sizeof(float);
-}
-
-// The decode kernel (and, when split, the combine) for one dtype and head dim; flash_decode()
-// (flash_api.cu) has checked the problem and carved the workspace into params.
+// One dtype and head dim; flash_decode() has checked the problem and carved the workspace into
+// params (num_splits, o_accum, lse_accum). The CUDA-core kernel or the tensor-core forward, then
+// the combine when split.
 template <typename T, int kHeadDim>
 cudaError_t run_flash_decode_sm80(const FlashFwdParams& p, cudaStream_t stream) {
-  const DecodeGeometry geo = decode_geometry<kHeadDim>(p, p.num_splits);
-  const int64_t grid = static_cast<int64_t>(p.num_splits) * geo.row_groups * p.batch * p.hkv;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p, geo);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err;
+  if (uses_decode_kernel(p)) {
+    const int64_t row_groups = ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows);
+    const int64_t grid = static_cast<int64_t>(p.num_splits) * row_groups * p.batch * p.hkv;
+    if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+    flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+    err = cudaGetLastError();
+  } else {
+    err = run_flash_fwd_sm80<T, kHeadDim>(p, stream);
+  }
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
   const int64_t blocks = ceil_div(rows, 4);
@@ -322,6 +371,31 @@ cudaError_t run_flash_decode_sm80(const FlashFwdParams& p, cudaStream_t stream) 
 GPTK_ATTN_DTYPES(GPTK_DECODE_INST_)
 #undef GPTK_DECODE_INST_
 #undef GPTK_DECODE_INST_HD_
+
+int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
+  // Sized from the cache capacity p.sk: the kernels cut the real length (kv_lens) into equal shares
+  // themselves, and splits beyond it exit at once.
+  int64_t ctas, per_sm, min_keys;
+  if (uses_decode_kernel(p)) {
+    ctas = static_cast<int64_t>(p.batch) * p.hkv * ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows);
+    per_sm = 4;      // ~100 registers and 24 KB of shared memory per CTA: four or more CTAs per SM
+    min_keys = 64;   // a few stages per split at least
+  } else {
+    ctas = static_cast<int64_t>(p.batch) * p.hq * ceil_div(p.sq, kFwdBlockM);
+    per_sm = 2;      // 255 registers per thread: two CTAs per SM
+    min_keys = 128;  // one or two key blocks per split at least
+  }
+  if (ctas <= 0 || ctas >= per_sm * num_sms) return 1;
+  const int64_t by_sms = ceil_div(per_sm * num_sms, ctas);
+  const int64_t by_keys = ceil_div(p.sk, min_keys);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::min(by_sms, by_keys), 64)));
+}
+
+size_t flash_decode_workspace_bytes(const FlashFwdParams& p, int num_splits) {
+  if (num_splits <= 1) return 0;
+  const size_t rows = static_cast<size_t>(num_splits) * p.batch * p.hq * p.sq;
+  return (rows * p.d * sizeof(float) + 255) / 256 * 256 + rows * sizeof(float);
+}
 
 }  // namespace attn
 }  // namespace gptk

@@ -68,13 +68,15 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
   static_assert(kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "rows per pass must be a multiple of 8");
   const int c = tid % kChunks;
   const int r0 = tid / kChunks;
-  const bool c_ok = c < chunks_valid;
+  // Pass i copies row r0 + i * kRowsPerPass, valid when i * kRowsPerPass < rem: a compare with an
+  // immediate per pass (no per-pass row index for the compiler to hoist out of a caller's loop).
+  const int rem = c < chunks_valid ? rows_valid - r0 : 0;
   const T* src = gmem + r0 * row_stride + c * 8;
   const int64_t step = row_stride * kRowsPerPass;
   const uint32_t dst = smem + swz<kCols>(r0, c);
 #pragma unroll
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const bool p = c_ok && r0 + i * kRowsPerPass < rows_valid;
+    const bool p = i * kRowsPerPass < rem;
     cp_async_16(dst + i * kRowsPerPass * kCols * 2, p ? src : safe, p);
     src += step;
   }

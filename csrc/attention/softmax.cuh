@@ -29,23 +29,43 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-template <int MT>
+// lo + hi of a register of two 16-bit values (pack2's inverse, summed).
+template <typename T>
+__device__ __forceinline__ float unpack_sum2(uint32_t w);
+template <>
+__device__ __forceinline__ float unpack_sum2<__nv_bfloat16>(uint32_t w) {
+  return __uint_as_float(w << 16) + __uint_as_float(w & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ float unpack_sum2<__half>(uint32_t w) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+  return f.x + f.y;
+}
+
+// Row state: the running max in registers; the running sums (this thread's partial sums of
+// exp2(...), quad-reduced at the end) in shared memory, slot r of this thread at sum[r * kStride]:
+// they are touched once per key block, and 2*MT registers next to the accumulators are what decides
+// whether the forward's 192 fp32 accumulators fit in 255 registers without spills.
+template <int MT, int kStride>
 struct OnlineSoftmax {
   float row_max[MT * 2];  // running max of the raw scores (-inf while nothing is visible)
-  float row_sum[MT * 2];  // this thread's partial sum of exp2(...) (quad-reduced at the end)
 
-  __device__ __forceinline__ void init() {
+  __device__ __forceinline__ void init(float* sum) {
 #pragma unroll
     for (int r = 0; r < MT * 2; ++r) {
       row_max[r] = -INFINITY;
-      row_sum[r] = 0.f;
+      sum[r * kStride] = 0.f;
     }
   }
 
-  // s: this block's scores (masked entries -inf), overwritten by the unnormalised probabilities.
-  // o: the output accumulator, rescaled to the new running max.
-  template <int NT, int DT>
-  __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][DT][4], float scale_log2) {
+  // s: this block's scores (masked entries -inf). P = the unnormalised probabilities, rounded to T
+  // and packed as the A operand of P V wants them: pk[mt][nt][h] = (P[row h][2t], P[row h][2t+1]) of
+  // n-tile nt (so an m16k16 A fragment of k-step ks is pk[mt][2ks][0..1], pk[mt][2ks+1][0..1]). Each
+  // score is packed as soon as it is exponentiated, so the fp32 scores die one by one instead of all
+  // staying live next to the packed copy. o: the output accumulator, rescaled to the new running max.
+  template <typename T, int NT, int DT>
+  __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][DT][4], float scale_log2,
+                                         uint32_t (&pk)[MT][NT][2], float* row_sum) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -61,14 +81,11 @@ struct OnlineSoftmax {
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const float p = fast_exp2(fmaf(s[mt][nt][2 * h + j], scale_log2, -m_scaled));
-            s[mt][nt][2 * h + j] = p;
-            sum += p;
-          }
+          pk[mt][nt][h] = pack2<T>(fast_exp2(fmaf(s[mt][nt][2 * h], scale_log2, -m_scaled)),
+                                   fast_exp2(fmaf(s[mt][nt][2 * h + 1], scale_log2, -m_scaled)));
+          sum += unpack_sum2<T>(pk[mt][nt][h]);
         }
-        row_sum[r] = row_sum[r] * corr + sum;
+        row_sum[r * kStride] = row_sum[r * kStride] * corr + sum;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
           o[mt][dt][2 * h] *= corr;
@@ -81,13 +98,14 @@ struct OnlineSoftmax {
   // Normalise o by the row sums; lse[r] = natural-log log-sum-exp of the scaled scores of row r
   // (-inf for a row that saw no key, whose output is then 0).
   template <int DT>
-  __device__ __forceinline__ void finalize(float (&o)[MT][DT][4], float scale_log2, float (&lse)[MT * 2]) {
+  __device__ __forceinline__ void finalize(float (&o)[MT][DT][4], float scale_log2, float (&lse)[MT * 2],
+                                           const float* row_sum) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = mt * 2 + h;
-        const float sum = quad_sum(row_sum[r]);
+        const float sum = quad_sum(row_sum[r * kStride]);
         const bool any = sum > 0.f;
         const float inv = any ? 1.f / sum : 0.f;
         lse[r] = any ? (row_max[r] * scale_log2 + log2f(sum)) * kLn2 : -INFINITY;

@@ -1,9 +1,10 @@
 """The attention family's check: the forward (with and without a KV cache's kv_lens), the backward
 (default and deterministic reduction order, with and without a log-sum-exp gradient) and the
-split-KV decode kernel, each against gptkernels.ops.attention.attention_ref in fp64 (the reference,
-fp32 softmax) and in the half dtype (the baseline). Shapes: odd sequence lengths on both sides of the
-tile sizes, Sq > Sk with causal masking (fully masked rows: out 0, lse -inf), grouped-query heads,
-both layouts and padded head dims (40, 96)."""
+split-KV forward (flash_attn_decode: its CUDA-core kernel and the tensor-core forward split over the
+keys), each against gptkernels.ops.attention.attention_ref in fp64 (the reference, fp32 softmax) and
+in the half dtype (the baseline). Shapes: odd sequence lengths on both sides of the tile sizes,
+Sq > Sk with causal masking (fully masked rows: out 0, lse -inf), grouped-query heads, both layouts
+and padded head dims (40, 96)."""
 from __future__ import annotations
 
 import math
@@ -41,6 +42,9 @@ DECODE_CASES = [  # quick, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout, kv_lens
     (False, FP16, 3, 4, 4, 1, 77, 64, False, "bshd", None),
     (False, BF16, 1, 16, 1, 1, 4099, 64, True, "bhsd", None),
     (False, FP16, 2, 4, 2, 4, 300, 128, True, "bhsd", (5, 300)),
+    # more than decode_max_rows rows per K/V head: the tensor-core forward, its keys split over CTAs
+    (False, BF16, 1, 4, 2, 40, 1000, 128, True, "bshd", (600,)),
+    (False, FP16, 2, 2, 2, 33, 500, 96, False, "bhsd", None),
 ]
 
 

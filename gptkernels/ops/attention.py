@@ -15,7 +15,11 @@ Paths (gptkernels._backend):
   on tensor cores (mma.sync, sm_80 and sm_90), returning (out, lse); flash_attn_bwd, the backward from
   the saved lse (dk/dv summed over the query heads sharing a K/V head; not deterministic by default:
   fp32 atomics into dq; `deterministic=True` or torch.use_deterministic_algorithms(True) accumulates
-  dq in a fixed order); flash_attn_decode, the split-KV forward for few query rows over a KV cache.
+  dq in a fixed order); flash_attn_decode, the split-KV forward (no autograd), which every call that
+  needs no gradient runs: it picks its engine itself (a CUDA-core kernel for a few query rows per K/V
+  head, else the tensor-core forward), splits the keys over several CTAs when one per query tile would
+  leave SMs idle (decoding, chunked prefill, speculative decoding over a long cache), sizes the splits
+  from kv_lens inside the kernel, and is the plain forward otherwise.
   Head dims, dtypes and length limits: LIMITS, from csrc/attention/attention_limits.h. The
   implementation is chosen per GPU in C++ (select_impl; `gptkernels info` prints it).
 - torch (a GPU call the kernels do not take: other head dims, float32, gradients through kv_lens,
@@ -331,9 +335,8 @@ def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, need
 
 
 def _attention_kernel(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
-    hq, hkv, sq = (q.shape[1], k.shape[1], q.shape[2]) if layout == "bhsd" else (q.shape[2], k.shape[2], q.shape[1])
     kl = None if kv_lens is None else kv_lens.to(torch.int32)
-    if not needs_grad and _HAVE_DECODE and sq * (hq // hkv) <= LIMITS["decode_max_rows"]:
+    if not needs_grad and _HAVE_DECODE:  # (it picks its engine and number of key splits itself)
         return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl)
     return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic))
 

@@ -15,10 +15,20 @@ TensorRef ref(void* p, const int64_t* s) {
   return r;
 }
 
+// The implementation the binding would choose for `op` on the emulated device (select_impl from its
+// compute capability: sm_90 by default, sm_80 per case).
+gptk::attn::Impl impl_for(gptk::attn::AttnOp op) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  return gptk::attn::select_impl(op, major * 10 + minor, nullptr);
+}
+
 // dims: batch, hq, hkv, sq, sk, d, causal, dtype
 gptk::attn::FlashFwdParams fwd_params(void* const* t, const int64_t* strides, float* lse, const int* kv_lens,
-                                      const int* dims, float scale) {
+                                      const int* dims, float scale, gptk::attn::AttnOp op) {
   gptk::attn::FlashFwdParams p;
+  p.impl = impl_for(op);
   p.q = ref(t[0], strides + 0), p.k = ref(t[1], strides + 3), p.v = ref(t[2], strides + 6);
   p.o = ref(t[3], strides + 9);
   p.lse = lse;
@@ -30,10 +40,11 @@ gptk::attn::FlashFwdParams fwd_params(void* const* t, const int64_t* strides, fl
   return p;
 }
 
-// t: q, k, v, o, dout, dq, dk, dv; dims as above plus deterministic
+// t: q, k, v, o, dout, dq, dk, dv; dims as above plus deterministic, head_splits
 gptk::attn::FlashBwdParams bwd_params(void* const* t, const int64_t* strides, const float* lse, const float* dlse,
                                       const int* dims, float scale) {
   gptk::attn::FlashBwdParams p;
+  p.impl = impl_for(gptk::attn::AttnOp::kBwd);
   p.q = ref(t[0], strides + 0), p.k = ref(t[1], strides + 3), p.v = ref(t[2], strides + 6);
   p.o = ref(t[3], strides + 9), p.dout = ref(t[4], strides + 12), p.dq = ref(t[5], strides + 15);
   p.dk = ref(t[6], strides + 18), p.dv = ref(t[7], strides + 21);
@@ -43,29 +54,39 @@ gptk::attn::FlashBwdParams bwd_params(void* const* t, const int64_t* strides, co
   p.causal = dims[6] != 0;
   p.dtype = (gptk::DType)dims[7];
   p.deterministic = dims[8] != 0;
+  p.head_splits = dims[9];
   p.scale = scale;
   return p;
 }
+
+constexpr gptk::attn::AttnOp kFwd = gptk::attn::AttnOp::kFwd, kDecode = gptk::attn::AttnOp::kDecode;
 }  // namespace
 
 GPTK_EMU_EXPORT int emu_flash_fwd(void* const* t, const int64_t* strides, float* lse, const int* kv_lens,
                                   const int* dims, float scale) {
-  return (int)gptk::attn::flash_fwd(fwd_params(t, strides, lse, kv_lens, dims, scale), nullptr);
+  return (int)gptk::attn::flash_fwd(fwd_params(t, strides, lse, kv_lens, dims, scale, kFwd), nullptr);
 }
 
 GPTK_EMU_EXPORT int emu_flash_decode_num_splits(void* const* t, const int64_t* strides, float* lse,
                                                 const int* kv_lens, const int* dims, float scale, int num_sms) {
-  return gptk::attn::flash_decode_num_splits(fwd_params(t, strides, lse, kv_lens, dims, scale), num_sms);
+  return gptk::attn::flash_decode_num_splits(fwd_params(t, strides, lse, kv_lens, dims, scale, kDecode), num_sms);
 }
 
 GPTK_EMU_EXPORT int64_t emu_flash_decode_workspace(void* const* t, const int64_t* strides, float* lse,
                                                    const int* kv_lens, const int* dims, float scale, int splits) {
-  return (int64_t)gptk::attn::flash_decode_workspace_bytes(fwd_params(t, strides, lse, kv_lens, dims, scale), splits);
+  const gptk::attn::FlashFwdParams p = fwd_params(t, strides, lse, kv_lens, dims, scale, kDecode);
+  return (int64_t)gptk::attn::flash_decode_workspace_bytes(p, splits);
 }
 
 GPTK_EMU_EXPORT int emu_flash_decode(void* const* t, const int64_t* strides, float* lse, const int* kv_lens,
                                      const int* dims, float scale, void* workspace, int splits) {
-  return (int)gptk::attn::flash_decode(fwd_params(t, strides, lse, kv_lens, dims, scale), workspace, splits, nullptr);
+  const gptk::attn::FlashFwdParams p = fwd_params(t, strides, lse, kv_lens, dims, scale, kDecode);
+  return (int)gptk::attn::flash_decode(p, workspace, splits, nullptr);
+}
+
+GPTK_EMU_EXPORT int emu_flash_bwd_head_splits(void* const* t, const int64_t* strides, const float* lse,
+                                              const float* dlse, const int* dims, float scale, int num_sms) {
+  return gptk::attn::flash_bwd_head_splits(bwd_params(t, strides, lse, dlse, dims, scale), num_sms);
 }
 
 GPTK_EMU_EXPORT int emu_flash_bwd_dq_splits(void* const* t, const int64_t* strides, const float* lse,
