@@ -1,0 +1,9 @@
+// flash_fwd_sm90_hdim128_bf16.cu: one instantiation of the sm_90a forward (flash_fwd_sm90_kernel.cuh),
+// in its own file so that builds compile the instantiations in parallel.
+#include "attention/sm90/flash_fwd_sm90_kernel.cuh"
+
+namespace gptk {
+namespace attn {
+template cudaError_t run_flash_fwd_sm90_<__nv_bfloat16, 128>(const FlashFwdParams&, cudaStream_t);
+}  // namespace attn
+}  // namespace gptk
