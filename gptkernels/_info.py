@@ -6,6 +6,7 @@ import platform
 import torch
 
 from gptkernels import _backend
+from gptkernels.ops import attention as _attention
 
 # The ops each public function runs on the kernel path; info() reports whether each has a
 # CUDA implementation in the built extension.
@@ -45,6 +46,7 @@ def info(file=None) -> dict:
         "extension_error": _backend.EXT_ERROR,
         "backend": _backend.get_backend(),
         "ops": ops,
+        "attention_impl": None,
     }
     lines = [
         f"gptkernels: python {d['python']}, torch {d['torch']} (CUDA {d['torch_cuda'] or 'none'})",
@@ -56,6 +58,16 @@ def info(file=None) -> dict:
     else:
         lines.append(f"extension gptkernels._C: NOT built ({d['extension_error']}); every op uses its PyTorch reference")
     lines.append(f"backend mode: {d['backend']}")
+    try:
+        d["attention_impl"] = _attention.attention_impl_info()
+    except RuntimeError as e:  # a bad GPTKERNELS_ATTENTION_IMPL
+        lines.append(f"attention forward kernel: {str(e).splitlines()[0]}")
+    a = d["attention_impl"]
+    if a is not None:
+        sm90 = ("built" if a["sm90_built"] else "not in this build (needs sm_90a)") + (
+            ", verified on a GPU" if a["sm90_verified"] else ", NOT yet verified on a GPU (opt-in)")
+        lines.append(f"attention forward kernel: {a['active']} (requested {a['requested']}; "
+                     f"sm90 kernel: {sm90})")
     active = _backend.kernels_available() and d["backend"] != "reference"
     for name, has in ops.items():
         where = "kernel" if (has and active) else "reference"

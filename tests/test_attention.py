@@ -319,6 +319,22 @@ def check_fwd(B, Hq, Hkv, Sq, Sk, D, dtype, causal, layout="bhsd", kv_lens=None,
 SEQS = [(1, 1), (1, 1023), (17, 17), (17, 113), (113, 17), (113, 203), (1000, 1000), (1023, 1023), (1000, 2048),
         (2048, 2048)]
 GQA = [(8, 8), (8, 2), (8, 1)]
+IMPLS = ["sm80", "sm90"]
+
+
+def sm90_active() -> bool:
+    info = A.attention_impl_info()
+    return info is not None and info["active"] == "sm90"
+
+
+@pytest.fixture(params=IMPLS)
+def attn_impl(request, monkeypatch):
+    """Runs a forward test on each kernel family (GPTKERNELS_ATTENTION_IMPL, read by the extension at
+    every call). sm90 needs compute capability 9.0 and a build for sm_90a."""
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", request.param)
+    if request.param == "sm90" and torch.cuda.is_available() and EXT and not sm90_active():
+        pytest.skip("the sm90 kernel needs compute capability 9.0 and an extension built for sm_90a")
+    return request.param
 
 
 @pytest.mark.cuda
@@ -327,7 +343,7 @@ GQA = [(8, 8), (8, 2), (8, 1)]
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("sq,sk", SEQS)
 @pytest.mark.parametrize("hq,hkv", GQA)
-def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
+def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv, attn_impl):
     B = 2 if sq * sk <= 1024 * 1024 else 1
     check_fwd(B, hq, hkv, sq, sk, D, dtype, causal)
 
@@ -335,7 +351,7 @@ def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
 @pytest.mark.cuda
 @pytest.mark.parametrize("D", [8, 40, 96, 120])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fwd_kernel_padded_head_dims(D, causal):
+def test_fwd_kernel_padded_head_dims(D, causal, attn_impl):
     check_fwd(2, 4, 2, 77, 130, D, torch.bfloat16, causal)
 
 
@@ -343,13 +359,13 @@ def test_fwd_kernel_padded_head_dims(D, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fwd_kernel_bshd(dtype, causal, D):
+def test_fwd_kernel_bshd(dtype, causal, D, attn_impl):
     check_fwd(2, 6, 2, 257, 300, D, dtype, causal, layout="bshd")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
-def test_fwd_kernel_fused_qkv_views(causal):
+def test_fwd_kernel_fused_qkv_views(causal, attn_impl):
     """q, k, v as strided views of one (B, S, (Hq + 2 Hkv) * D) projection, as the GPT block feeds them."""
     B, S, Hq, Hkv, D = 2, 301, 8, 2, 64
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16).view(B, S, Hq + 2 * Hkv, D)
@@ -360,7 +376,7 @@ def test_fwd_kernel_fused_qkv_views(causal):
 
 
 @pytest.mark.cuda
-def test_fwd_kernel_unaligned_inputs_are_copied():
+def test_fwd_kernel_unaligned_inputs_are_copied(attn_impl):
     """A q that starts off a 16-byte boundary (or has odd strides) is copied by the binding, not misread."""
     base = torch.randn(2 * 4 * 50 * 64 + 3, device="cuda", dtype=torch.float16)
     q = base[3:].view(2, 4, 50, 64)
@@ -375,11 +391,13 @@ def test_fwd_kernel_unaligned_inputs_are_copied():
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("sq", [1, 2, 4])
 @pytest.mark.parametrize("hq,hkv", [(12, 12), (8, 2), (4, 1)])
-def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv):
+def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv, attn_impl):
     """A static cache (B, S_max, Hkv, D) filled to kv_lens[b]; the rest holds NaN, which must never be
     read. Both the forward kernel and the split-KV decode kernel."""
     if decode and not hasattr(torch.ops.gptkernels, "flash_attn_decode"):
         pytest.skip("no decode op in this build")
+    if decode and attn_impl == "sm90":
+        pytest.skip("the decode kernel has one implementation")
     B, S_max = 5, 1024
     q = torch.randn(B, sq, hq, D, device="cuda", dtype=dtype)
     k = torch.randn(B, S_max, hkv, D, device="cuda", dtype=dtype)
@@ -400,7 +418,7 @@ def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv):
 
 
 @pytest.mark.cuda
-def test_fwd_small_sanitize():
+def test_fwd_small_sanitize(attn_impl):
     """Small shapes for compute-sanitizer runs (tools/device_check.sh --sanitize picks 'sanitize')."""
     for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
         for causal in (False, True):
@@ -422,6 +440,71 @@ def test_flash_attention_kernel_mode_and_fallback():
     with pytest.warns(UserWarning, match="head_dim 256"):
         out2, _ = GF.flash_attention(q2, k2, v2)
     torch.testing.assert_close(out2, A.attention_ref(q2, k2, v2)[0])
+
+
+# ---- the sm90 (Hopper) forward: selection and what only it does ---------------------------------
+
+def kernels_launched(fn):
+    """Names of the CUDA kernels fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.cuda
+def test_sm90_selection_runs_the_sm90_kernel(attn_impl):
+    """GPTKERNELS_ATTENTION_IMPL picks the kernel that runs: the sm90 one really runs when asked for
+    (no silent fallback for a supported call), and unsupported calls fall back to sm80."""
+    q, k, v = rand_qkv(1, 4, 2, 300, 300, 128, torch.bfloat16, "cuda", "bshd")
+    names = kernels_launched(lambda: torch.ops.gptkernels.flash_attn_fwd(q, k, v, True, 0.1, "bshd", None, False))
+    ran_sm90 = any("flash_fwd_sm90_kernel" in n for n in names)
+    assert ran_sm90 == (attn_impl == "sm90"), names
+    info = A.attention_impl_info()
+    assert info["requested"] == attn_impl and info["active"] == attn_impl
+
+
+@pytest.mark.cuda
+def test_sm90_bad_impl_env_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm75")
+    q, k, v = rand_qkv(1, 2, 2, 8, 8, 64, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="GPTKERNELS_ATTENTION_IMPL"):
+        torch.ops.gptkernels.flash_attn_fwd(q, k, v, False, 0.1, "bhsd", None, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_tile_edges(dtype, D, causal, attn_impl):
+    """Lengths a few keys / rows from every tile edge of the sm90 kernel (128 x 128 tiles) and of the
+    sm80 one, with Sq != Sk and GQA; both layouts."""
+    for sq, sk in [(127, 129), (129, 255), (256, 383), (385, 126), (2, 513)]:
+        for layout in ("bhsd", "bshd"):
+            check_fwd(2, 6, 3, sq, sk, D, dtype, causal, layout=layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_kv_lens_straddling_tiles(D, attn_impl):
+    """kv_lens that end inside a key tile, at its edges, at 0 and at Sk, with NaN past them: the sm90
+    producer zeroes V rows past kv_len in shared memory (TMA would load the NaN)."""
+    B, Sq, S_max, H = 7, 130, 640, 4
+    q = torch.randn(B, Sq, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, S_max, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, S_max, H, D, device="cuda", dtype=torch.bfloat16)
+    kv_lens = torch.tensor([640, 1, 0, 127, 128, 129, 383], device="cuda", dtype=torch.int32)
+    for b, n in enumerate(kv_lens.tolist()):
+        k[b, n:], v[b, n:] = float("nan"), float("nan")
+    for causal in (False, True):
+        check_fwd(B, H, H, Sq, S_max, D, torch.bfloat16, causal, layout="bshd", kv_lens=kv_lens, qkv=(q, k, v))
+
+
+@pytest.mark.cuda
+def test_sm90_backward_from_sm90_forward(attn_impl):
+    """The sm80 backward runs on out / lse from either forward."""
+    check_bwd(2, 4, 2, 200, 333, 64, torch.bfloat16, True, layout="bshd")
 
 
 @pytest.mark.cuda

@@ -12,9 +12,12 @@
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "attention/flash.h"
+#include "attention/sm90/flash_fwd_sm90.h"
 #include "binding.h"
 
 namespace gptk {
@@ -58,6 +61,29 @@ void check_arch(const at::Tensor& t) {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index());
   TORCH_CHECK(major >= 8, "gptkernels attention: the kernels need an sm_80 or newer GPU (got compute capability ",
               major, ".x)");
+}
+
+// The forward kernel family asked for: GPTKERNELS_ATTENTION_IMPL ("auto", "sm80" or "sm90"; unset
+// = "auto"), read at every call (gptkernels.set_attention_impl sets it). flash_fwd decides what runs.
+attn::AttnImpl requested_impl() {
+  const char* s = std::getenv("GPTKERNELS_ATTENTION_IMPL");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return attn::AttnImpl::kAuto;
+  if (std::strcmp(s, "sm80") == 0) return attn::AttnImpl::kSm80;
+  if (std::strcmp(s, "sm90") == 0) return attn::AttnImpl::kSm90;
+  TORCH_CHECK(false, "GPTKERNELS_ATTENTION_IMPL: expected 'auto', 'sm80' or 'sm90', got '", s, "'");
+}
+
+const char* impl_name(attn::AttnImpl impl) {
+  return impl == attn::AttnImpl::kSm80 ? "sm80" : impl == attn::AttnImpl::kSm90 ? "sm90" : "auto";
+}
+
+// "requested=auto active=sm80 sm90_built=1 sm90_verified=0": what `gptkernels info` reports.
+// `active` is the family flash_attn_fwd runs on the current device for a call both kernels take.
+std::string attention_impl_info() {
+  const attn::AttnImpl req = requested_impl();
+  return std::string("requested=") + impl_name(req) + " active=" + attn::flash_fwd_active_impl(req) +
+         " sm90_built=" + (attn::flash_fwd_sm90_built() ? "1" : "0") +
+         " sm90_verified=" + (attn::kSm90Verified ? "1" : "0");
 }
 
 struct Shapes {
@@ -124,6 +150,7 @@ attn::FlashFwdParams fwd_params(const at::Tensor& q, const at::Tensor& k, const 
   p.kv_lens = kv_lens.has_value() ? kv_lens->data_ptr<int>() : nullptr;
   set_problem(p, s, causal, scale);
   p.dtype = to_dtype(q, "q");
+  p.impl = requested_impl();
   return p;
 }
 
@@ -242,6 +269,7 @@ TORCH_LIBRARY_FRAGMENT(gptkernels, m) {
   m.def(
       "flash_attn_decode(Tensor q, Tensor k, Tensor v, bool causal, float scale, str layout, Tensor? kv_lens) -> "
       "(Tensor, Tensor)");
+  m.def("attention_impl_info() -> str", &gptk::attention_impl_info);
 }
 
 TORCH_LIBRARY_IMPL(gptkernels, CUDA, m) {

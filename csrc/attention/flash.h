@@ -15,10 +15,11 @@
 // - head_dim d: any multiple of 8 up to 128, run by the kernel compiled for 64 or 128 with the
 //   columns past d zero-filled in shared memory (they add nothing to q k^T and produce nothing).
 //
-// Entry points (flash_api.cu) pick the kernel by dtype, head dim and architecture. Today every
-// architecture >= sm_80 runs the mma.sync path (flash_fwd_kernel.cuh, flash_bwd_kernel.cuh); a
-// Hopper path (wgmma + TMA + warp specialisation) would be added as another branch of
-// `select_arch_path` with its own kernel files, sharing mask.cuh / softmax.cuh.
+// Entry points (flash_api.cu) pick the kernel by dtype, head dim and architecture: the mma.sync
+// path (flash_fwd_kernel.cuh, flash_bwd_kernel.cuh) on every architecture >= sm_80, and for the
+// forward on compute capability 9.0 the Hopper path (sm90/: wgmma + TMA + warp specialisation,
+// sharing mask.cuh / softmax.cuh) when FlashFwdParams::impl selects it (opt-in until verified on
+// a GPU, see sm90/flash_fwd_sm90.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,6 +37,11 @@ struct TensorRef {
   int64_t batch_stride = 0, head_stride = 0, row_stride = 0;  // in elements
 };
 
+// Which forward kernel family to run. kAuto: the sm_80 kernel, or the sm90 kernel on compute
+// capability 9.0 once it is verified (kSm90Verified). kSm90: the sm90 kernel where it can run
+// (device 9.0, extension built for sm_90a, a call it supports), else the sm_80 kernel.
+enum class AttnImpl : int { kAuto = 0, kSm80 = 1, kSm90 = 2 };
+
 struct FlashFwdParams {
   TensorRef q, k, v, o;
   float* lse = nullptr;            // [B, Hq, Sq] fp32 contiguous
@@ -44,6 +50,7 @@ struct FlashFwdParams {
   float scale = 0.f;               // softmax scale (> 0)
   bool causal = false;
   DType dtype = DType::kBFloat16;
+  AttnImpl impl = AttnImpl::kAuto;  // forward only (flash_fwd); the decode and backward kernels ignore it
   // split-KV decode only: fp32 partial results (see flash_decode.cu); set by the launcher
   float* o_accum = nullptr;        // [splits, B, Hq, Sq, d]
   float* lse_accum = nullptr;      // [splits, B, Hq, Sq]
@@ -68,6 +75,11 @@ struct FlashBwdParams {
 
 // Forward (out, lse). Handles every Sq; for small Sq (decoding) flash_decode is faster.
 cudaError_t flash_fwd(FlashFwdParams params, cudaStream_t stream);
+
+// The forward kernel family flash_fwd runs for `impl` on the current device for a call the sm90
+// kernel supports ("sm80" or "sm90"), and whether this build holds the sm90 kernel (sm_90a).
+const char* flash_fwd_active_impl(AttnImpl impl);
+bool flash_fwd_sm90_built();
 
 // Split-KV decode (flash-decoding): for small Sq over a long cache. Needs a workspace of
 // flash_decode_workspace_bytes(params) bytes (0 when it runs unsplit).

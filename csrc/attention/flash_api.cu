@@ -3,21 +3,52 @@
 // <= 128 -> the 128 kernel; other dims are zero-padded in shared memory) and architecture.
 //
 // Architecture dispatch: `select_arch_path` is the one place that chooses between kernel
-// families. Today it returns the sm_80 mma.sync path for every GPU >= sm_80 (it runs on sm_90
-// too). A Hopper path (wgmma + TMA + warp specialisation, FlashAttention-3 style) would add
-// ArchPath::kSm90 and its own run_flash_*_sm90 instantiations next to the sm80 ones.
+// families. The sm_80 mma.sync path runs on every GPU >= sm_80 (sm_90 too). The forward also has
+// the Hopper path (sm90/, wgmma + TMA + warp specialisation, FlashAttention-3 style), chosen by
+// FlashFwdParams::impl on compute capability 9.0 in a build for sm_90a; a call it does not support
+// (run_flash_fwd_sm90 returns cudaErrorNotSupported before launching) runs the sm_80 kernel.
 #include "attention/flash.h"
+#include "attention/sm90/flash_fwd_sm90.h"
 #include "static_switch.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace gptk {
 namespace attn {
 namespace {
 
-enum class ArchPath { kSm80 };
+enum class ArchPath { kSm80, kSm90 };
+
+#ifndef GPTK_CUDA_ARCHS
+#define GPTK_CUDA_ARCHS ""
+#endif
+
+// The sm90 kernels have code only in the sm_90a device pass (flash_fwd_sm90.h).
+bool built_for_sm90a() {
+  const char* a = GPTK_CUDA_ARCHS;  // e.g. "80;90a"
+  for (const char* p = std::strstr(a, "90a"); p != nullptr; p = std::strstr(p + 1, "90a")) {
+    const bool starts = p == a || p[-1] == ';' || p[-1] == ',' || p[-1] == ' ';
+    const bool ends = p[3] == '\0' || p[3] == ';' || p[3] == ',' || p[3] == ' ';
+    if (starts && ends) return true;
+  }
+  return false;
+}
+
+bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;  // sm_90a code runs on 9.0 only
+}
 
 ArchPath select_arch_path() { return ArchPath::kSm80; }
+
+ArchPath select_fwd_path(AttnImpl impl) {
+  const bool wanted = impl == AttnImpl::kSm90 || (impl == AttnImpl::kAuto && kSm90Verified);
+  return wanted && built_for_sm90a() && device_is_sm90() ? ArchPath::kSm90 : select_arch_path();
+}
 
 bool valid_common(int batch, int hq, int hkv, int sq, int sk, int d, float scale) {
   constexpr int kMaxLen = 1 << 30;  // mask arithmetic stays in int32 (mask.cuh)
@@ -27,10 +58,23 @@ bool valid_common(int batch, int hq, int hkv, int sq, int sk, int d, float scale
 
 }  // namespace
 
+const char* flash_fwd_active_impl(AttnImpl impl) {
+  return select_fwd_path(impl) == ArchPath::kSm90 ? "sm90" : "sm80";
+}
+
+bool flash_fwd_sm90_built() { return built_for_sm90a(); }
+
 cudaError_t flash_fwd(FlashFwdParams p, cudaStream_t stream) {
   if (!valid_common(p.batch, p.hq, p.hkv, p.sq, p.sk, p.d, p.scale)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.sq == 0) return cudaSuccess;
-  switch (select_arch_path()) {
+  switch (select_fwd_path(p.impl)) {
+    case ArchPath::kSm90: {
+#ifndef GPTK_EMU  // (never selected under the CPU emulator, which has no sm_90a build)
+      const cudaError_t err = run_flash_fwd_sm90(p, stream);
+      if (err != cudaErrorNotSupported) return err;
+#endif
+      [[fallthrough]];  // a call the sm90 kernel does not take: the sm_80 kernel
+    }
     case ArchPath::kSm80:
     default:
       return HALF_DTYPE_SWITCH(p.dtype, T, [&] {

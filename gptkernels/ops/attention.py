@@ -18,12 +18,16 @@ Kernels (csrc/attention/, torch.ops.gptkernels.*):
   torch.use_deterministic_algorithms(True)) accumulates dq in a fixed order instead.
 - flash_attn_decode: split-KV forward for small Sq (decoding over a KV cache), then a combine.
 Kernel head dims: multiples of 8 up to 128 (64 and 128 natively; others zero-padded to them).
+On compute capability 9.0 the forward can also run the Hopper kernel (csrc/attention/sm90/: TMA,
+wgmma, warp specialisation), same semantics: opt in with set_attention_impl("sm90") or
+GPTKERNELS_ATTENTION_IMPL=sm90 until it has been verified on a GPU.
 Other head dims, float32 inputs, and gradients through kv_lens fall back to the reference (with a
 one-time warning on a GPU). The CPU implementation of every op is the reference below.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -221,6 +225,36 @@ if _backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "flash_attn_fwd"):
         return dq, dk, dv, None, None, None, None, None
 
     torch.library.register_autograd("gptkernels::flash_attn_fwd", _backward, setup_context=_setup)
+
+
+# ---- forward kernel family: sm_80 (mma.sync) or the sm_90a Hopper kernel ---------------------------
+ATTENTION_IMPLS = ("auto", "sm80", "sm90")
+_IMPL_ENV = "GPTKERNELS_ATTENTION_IMPL"
+
+
+def set_attention_impl(impl: str) -> None:
+    """Which forward kernel flash_attention runs on a GPU: "sm90" (the Hopper kernel: TMA, wgmma, warp
+    specialisation; used on compute capability 9.0 in a build for sm_90a, for the calls it supports,
+    else the sm80 kernel runs), "sm80" (the mma.sync kernel), or "auto" (sm80 until the sm90 kernel
+    has been verified on a GPU, then sm90 on 9.0). Same as setting GPTKERNELS_ATTENTION_IMPL, which
+    the extension reads at every call. The backward is the sm80 kernel either way."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"set_attention_impl: expected one of {ATTENTION_IMPLS}, got {impl!r}")
+    os.environ[_IMPL_ENV] = impl
+
+
+def get_attention_impl() -> str:
+    return os.environ.get(_IMPL_ENV) or "auto"
+
+
+def attention_impl_info() -> dict | None:
+    """What the extension says about the forward kernels: {"requested", "active" (the family a
+    supported call runs on the current device), "sm90_built", "sm90_verified"}; None without it."""
+    if not (_backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "attention_impl_info")):
+        return None
+    kv = dict(x.split("=", 1) for x in torch.ops.gptkernels.attention_impl_info().split())
+    return {"requested": kv["requested"], "active": kv["active"], "sm90_built": kv["sm90_built"] == "1",
+            "sm90_verified": kv["sm90_verified"] == "1"}
 
 
 def kernel_unsupported_reason(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool):

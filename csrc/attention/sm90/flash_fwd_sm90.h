@@ -16,7 +16,6 @@
 // when the device is compute capability 9.0 and the extension was built for sm_90a.
 #pragma once
 
-#include <cuda.h>  // CUtensorMap and its enums only: the driver function is fetched at run time (tma.cuh)
 #include <cuda_runtime.h>
 
 #include "attention/flash.h"
@@ -36,13 +35,6 @@ namespace attn {
 // Flip to true in the same change that records a green device run (CUDA tests of both paths and the
 // benchmark in benchmarks/results/): "auto" then picks the sm90 kernel on compute capability 9.0.
 constexpr bool kSm90Verified = false;
-
-// The kernel's parameters: the problem (as for sm_80) plus the four tensor maps, built on the host.
-// Passed as a __grid_constant__ kernel parameter so that TMA can read the maps in place.
-struct Sm90FwdParams {
-  FlashFwdParams f;
-  CUtensorMap tma_q, tma_k, tma_v, tma_o;
-};
 
 // nullptr when the sm90 kernel handles `p`, else a short reason (the caller falls back to sm_80).
 const char* flash_fwd_sm90_unsupported(const FlashFwdParams& p);

@@ -51,6 +51,14 @@
 
 namespace gptk {
 namespace attn {
+
+// The kernel's parameters: the problem (as for sm_80) plus the four tensor maps, built on the host.
+// Passed as a __grid_constant__ kernel parameter so that TMA reads the maps in place (param space).
+struct Sm90FwdParams {
+  FlashFwdParams f;
+  CUtensorMap tma_q, tma_k, tma_v, tma_o;
+};
+
 namespace sm90 {
 
 template <int kHeadDim_, int kBlockN_, int kStages_>
