@@ -6,6 +6,7 @@ at most 2x (plus a small epsilon) the error of the same math done by PyTorch in 
 precision (attention_ref(upcast=False)).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -190,6 +191,39 @@ def test_kernel_unsupported_reasons():
     assert "scale" in A.kernel_unsupported_reason(q, 64, 3, 3, -1.0, None, False)
     assert "kv_lens" in A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, torch.ones(1), True)
     assert A.kernel_unsupported_reason(q, 64, 3, 3, 0.125, torch.ones(1), False) is None
+
+
+def test_set_attention_impl(monkeypatch):
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "")  # restored after the test
+    assert gptkernels.get_attention_impl() == "auto"
+    for impl in A.ATTENTION_IMPLS:
+        gptkernels.set_attention_impl(impl)
+        assert gptkernels.get_attention_impl() == impl
+    with pytest.raises(ValueError, match="set_attention_impl: expected one of"):
+        gptkernels.set_attention_impl("sm75")
+
+
+@needs_ext
+def test_attention_impl_info(monkeypatch):
+    """The extension reports the requested forward family, the active one, and whether its sm90
+    kernel is built (exactly when the build has sm_90a) and verified on a GPU."""
+    from gptkernels import _info
+    archs = _info.build_info()["archs"].split(";")
+    for impl in A.ATTENTION_IMPLS:
+        monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", impl)
+        info = A.attention_impl_info()
+        assert info["requested"] == impl and info["sm90_built"] == ("90a" in archs)
+        assert isinstance(info["sm90_verified"], bool)
+        if impl == "sm80" or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+            assert info["active"] == "sm80"
+        elif impl == "sm90" and info["sm90_built"]:
+            assert info["active"] == "sm90"
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm75")
+    with pytest.raises(RuntimeError, match="GPTKERNELS_ATTENTION_IMPL: expected 'auto', 'sm80' or 'sm90'"):
+        A.attention_impl_info()
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm90")
+    d = gptkernels.info(file=open(os.devnull, "w"))
+    assert d["attention_impl"]["requested"] == "sm90"
 
 
 # ---- op registration (CPU: the ops' CPU implementation is the reference) ----------------------
