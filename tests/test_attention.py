@@ -226,6 +226,31 @@ def test_attention_impl_info(monkeypatch):
     assert d["attention_impl"]["requested"] == "sm90"
 
 
+def test_sm90_sass_has_hopper_instructions(tmp_path):
+    """The sm_90a build of the Hopper forward uses wgmma (HGMMA), TMA (UTMALDG / UTMASTG), mbarriers
+    (SYNCS) and setmaxnreg, nothing in local memory, and each warpgroup role fits the registers
+    setmaxnreg gives it (tools/sass_check.py; needs nvcc and cuobjdump, not a GPU)."""
+    import importlib.util
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gptk_sass_check", os.path.join(root, "tools", "sass_check.py"))
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    if sc.find_tool("nvcc") is None or sc.find_tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    src = os.path.join(root, "csrc", "attention", "sm90", "flash_fwd_sm90_hdim128_bf16.cu")
+    out = tmp_path / "sass.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "tools", "sass_check.py"), src, "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+    (row,) = json.loads(out.read_text())
+    assert row["ok"] and not row["missing"] and not row["local_memory"]
+    assert set(row["roles"]) == {"producer", "consumer"}
+    assert row["roles"]["producer"]["setmaxnreg"] == 24 and row["roles"]["consumer"]["setmaxnreg"] == 240
+
+
 # ---- op registration (CPU: the ops' CPU implementation is the reference) ----------------------
 
 @needs_ext
