@@ -58,7 +58,7 @@ struct Ring {
   }
 };
 
-// ---- named barriers (PTX ISA 9.7.13.1 "bar, barrier": bar.sync / bar.arrive with a thread count) ----
+// ---- named barriers (PTX ISA "Parallel Synchronization and Communication Instructions: bar, barrier") ----
 // Id 0 is __syncthreads. One enum for every id the kernel uses (FlashAttention-3 named_barrier.hpp).
 enum class NamedBarrier : uint32_t {
   kSchedWG0 = 1,     // consumer warpgroup 0 may issue its GEMMs (arrived at by warpgroup 1)

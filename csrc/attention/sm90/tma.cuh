@@ -13,13 +13,14 @@
 // cudaGetDriverEntryPoint, so the extension does not link libcuda.
 //
 // Device (all inline PTX, one instruction per asm statement; waits loop in C++ around one try_wait):
-// - mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier",
-//   9.7.13.15; CUTLASS cutlass/arch/barrier.h ClusterBarrier / ClusterTransactionBarrier):
+// - mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier";
+//   CUTLASS cutlass/arch/barrier.h ClusterBarrier / ClusterTransactionBarrier):
 //   init(count); arrive; arrive.expect_tx(bytes) (one arrival plus a transaction count that TMA's
 //   complete_tx pays off); try_wait.parity(p) -- true once the phase with parity p has completed.
 //   A freshly initialised barrier is in phase 0, and a wait for parity 1 (the phase "before" it)
 //   returns at once: producers start their empty-slot waits at parity 1 (pipeline.cuh).
-// - cp.async.bulk.tensor (PTX ISA 9.7.9.25.5 "cp.async.bulk.tensor"; CUTLASS
+// - cp.async.bulk.tensor (PTX ISA "Data Movement and Conversion Instructions: cp.async.bulk.tensor";
+//   CUTLASS
 //   cute/arch/copy_sm90_tma.hpp SM90_TMA_LOAD_4D / SM90_TMA_STORE_4D): loads signal an mbarrier
 //   with complete_tx::bytes; stores are bulk groups (commit_group, wait_group.read before the shared
 //   memory they read may be reused or the CTA exits).

@@ -29,8 +29,8 @@
 //     a3 = A[16w + g + 8][2t+8..] -- the mma.m16n8k16 A layout, so the fp32 accumulator of S = Q K^T
 //     over keys 16k..16k+15 (column tiles 2k, 2k+1) packs pairwise into the A operand of P V.
 //
-// Shared-memory matrix descriptor (PTX ISA 9.7.15.5.1.2.2 "Matrix Descriptor Format",
-// #asynchronous-warpgroup-level-matrix-shared-memory-layout-matrix-descriptor; CUTLASS
+// Shared-memory matrix descriptor (PTX ISA 9.7.15.5.1.2 "Shared Memory Matrix Layout", part "Matrix
+// Descriptor Format", #asynchronous-warpgroup-level-matrix-shared-memory-layout-matrix-descriptor; CUTLASS
 // cute/arch/mma_sm90_desc.hpp union GmmaDescriptor, lines 107-126 at 7107b05), 64 bits:
 //   bits  0-13  start address >> 4
 //   bits 16-29  leading-dimension byte offset (LBO) >> 4
@@ -86,7 +86,7 @@ __device__ __forceinline__ uint64_t mnmajor_desc(uint32_t tile, int rows, int kk
   return make_smem_desc(tile + static_cast<uint32_t>(kk * 16 * 128), static_cast<uint32_t>(rows * 128), 1024);
 }
 
-// ---- fences and groups (PTX ISA 9.7.15.6 wgmma.fence, 9.7.15.7 commit_group, 9.7.15.8 wait_group) ----
+// ---- fences and groups (PTX ISA 9.7.15: wgmma.fence, wgmma.commit_group, wgmma.wait_group) ----------
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -110,7 +110,7 @@ __device__ __forceinline__ void fence_operand(uint32_t (&x)[R][C]) {
     for (int j = 0; j < C; ++j) asm volatile("" : "+r"(x[i][j])::"memory");
 }
 
-// ---- register reconfiguration (PTX ISA 9.7.19.x setmaxnreg; CUTLASS cutlass/arch/reg_reconfig.h) ----
+// ---- register reconfiguration (PTX ISA "Miscellaneous Instructions: setmaxnreg"; CUTLASS reg_reconfig.h) --
 // Executed by every thread of a warpgroup; the count is a multiple of 8 in [24, 256].
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
@@ -128,8 +128,8 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 //   shared memory (imm-trans-a = imm-trans-b = 0).
 // Wgmma<T, N>::rs_nmajor_b<kScaleD>(d, a, desc_b): A from registers (the fragment above), B N-major
 //   in shared memory (imm-trans-b = 1, allowed for 16-bit types).
-// imm-scale-a = imm-scale-b = 1 (no negation). Operand order per PTX ISA 9.7.15.5.2 (syntax of
-// wgmma.mma_async): d, a-desc|a, b-desc, scale-d, imm-scale-a, imm-scale-b[, imm-trans-a], imm-trans-b.
+// imm-scale-a = imm-scale-b = 1 (no negation). Operand order per the PTX ISA 9.7.15 syntax of
+// wgmma.mma_async: d, a-desc|a, b-desc, scale-d, imm-scale-a, imm-scale-b[, imm-trans-a], imm-trans-b.
 // One fully written-out asm statement per (type, N, form): the operand lists are long but plain.
 template <typename T, int N>
 struct Wgmma;
