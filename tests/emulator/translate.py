@@ -1,6 +1,6 @@
 """translate.py: rewrite a plain-CUDA source file into C++ that g++ compiles against the CPU
-emulator (tools/cuda_emu/cuda_emu.h). The kernel files themselves are never edited: the build
-(tools/cuda_emu/build.py) translates a mirror of csrc/ into build/emu/src/ and compiles that.
+emulator (tests/emulator/cuda_emu.h). The kernel files themselves are never edited: the build
+(tests/emulator/build.py) translates a mirror of csrc/ into build/emu/src/ and compiles that.
 
 Rewrites (comments and string literals are left alone; every rewrite keeps the line count, and a
 `#line` directive keeps compiler messages and __FILE__ pointing at the original file):
@@ -14,7 +14,7 @@ Rewrites (comments and string literals are left alone; every rewrite keeps the l
   their emulations (cuda_emu.h, namespace gptk_emu::ptx); anything else becomes a call that faults
   at run time ("inline PTX that the emulator does not implement") and is listed in the report.
 
-Usage: python tools/cuda_emu/translate.py SRC.cu OUT.cpp
+Usage: python tests/emulator/translate.py SRC.cu OUT.cpp
 """
 from __future__ import annotations
 
@@ -134,6 +134,7 @@ class Operand:
     constraint: str
     expr: str
     output: bool
+    name: str = ""
 
 
 def parse_asm(body: str, masked_body: str):
@@ -145,10 +146,14 @@ def parse_asm(body: str, masked_body: str):
         if not sec.strip():
             continue
         for item, mitem in zip(split_top(sec, msec, ","), split_top(msec, msec, ",")):
-            m = re.match(r'\s*(?:\[\w+\]\s*)?"([^"]*)"\s*\((.*)\)\s*$', item, re.S)
+            m = re.match(r'\s*(?:\[(\w+)\]\s*)?"([^"]*)"\s*\((.*)\)\s*$', item, re.S)
             if not m:
                 raise TranslateError(f"cannot parse asm operand {item.strip()!r}")
-            operands.append(Operand(m.group(1), squash(m.group(2)), k == 0))
+            operands.append(Operand(m.group(2), squash(m.group(3)), k == 0, m.group(1) or ""))
+    # named operands (%[name]) -> positional
+    for i, op in enumerate(operands):
+        if op.name:
+            template = template.replace(f"%[{op.name}]", f"%{i}")
     return template, operands
 
 
@@ -252,9 +257,340 @@ def emit_ptx(template: str, ops: list[Operand], report: Report, where: str) -> s
             raise TranslateError(f"{where}: mma.m16n8k16 operand counts {len(d), len(a), len(b), len(c)}")
         args = [x.expr for x in d] + [_rd(x) for x in a + b + c]
         return f"{P}mma_m16n8k16_({'true' if m[1] == 'bf16' else 'false'}, {', '.join(args)}, __FILE__, __LINE__)"
+    try:
+        return emit_statements(t, ops, where)
+    except Unsupported:
+        pass
     report.unsupported_ptx.append(f"{where}: {t}")
     esc = t.replace("\\", "\\\\").replace('"', '\\"')
     return f'{P}unsupported("{esc}", __FILE__, __LINE__)'
+
+
+# ---- statement-level PTX (the sm_90 instructions: wgmma, mbarrier, TMA, named barriers, ...) --------
+#
+# A template is a sequence of statements, optionally in { } scopes, with .reg declarations of local
+# registers (".reg .pred p;", ".reg .b32 %%r;"), optional guards ("@p", "@!p") and operands that are
+# asm operands (%N), locals, immediates, the sink "_", addresses "[x]" / "[x, { c0, ... }]" and vectors
+# "{ a, b }". Each statement becomes C++ (locals become C++ variables); a template with any statement
+# this does not know is reported as not emulated. No labels or branches (the kernel contract).
+
+class Unsupported(Exception):
+    pass
+
+
+def _split_ops(text: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for c in text:
+        if c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        if c == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += c
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def _statements(t: str) -> list[str]:
+    """Statements and scope braces of a normalized template, in order."""
+    out, i, n = [], 0, len(t)
+    while i < n:
+        while i < n and t[i] in " ;":
+            i += 1
+        if i >= n:
+            break
+        if t[i] in "{}":
+            out.append(t[i])
+            i += 1
+            continue
+        depth, j = 0, i
+        while j < n:
+            c = t[j]
+            if c in "[{":
+                depth += 1
+            elif c in "]}":
+                if depth == 0:
+                    break  # a scope's closing brace ends the statement
+                depth -= 1
+            elif c == ";" and depth == 0:
+                break
+            j += 1
+        out.append(t[i:j].strip())
+        i = j
+    return out
+
+
+class _Ctx:
+    def __init__(self, ops: list[Operand], where: str):
+        self.ops, self.where = ops, where
+        self.locals: dict[str, str] = {}  # PTX name -> C++ type
+
+    def local(self, name: str) -> str:
+        return "_l_" + re.sub(r"\W", "_", name)
+
+    def is_local(self, tok: str) -> bool:
+        return tok.lstrip("%") in self.locals
+
+    def op(self, tok: str) -> Operand:
+        return self.ops[int(tok[1:])]
+
+    def val(self, tok: str, bits: int = 32) -> str:
+        """C++ expression of a source operand's value."""
+        tok = tok.strip()
+        if re.fullmatch(r"%\d+", tok):
+            o = self.op(tok)
+            if o.constraint.lstrip("=+&") == "n":
+                return f"({o.expr})"
+            return f"{P}b64({o.expr})" if bits == 64 or o.constraint.lstrip("=+&") == "l" else _rd(o)
+        if self.is_local(tok):
+            return self.local(tok.lstrip("%"))
+        if re.fullmatch(r"-?(0[xX][0-9a-fA-F]+|\d+)", tok):
+            v = int(tok, 0)
+            return f"{v}ull" if bits == 64 else (f"{v}u" if v >= 0 else f"({v})")
+        raise Unsupported(tok)
+
+    def pred(self, tok: str) -> str:
+        tok = tok.strip()
+        neg = tok.startswith("!")
+        tok = tok.lstrip("!")
+        if self.is_local(tok) and self.locals[tok.lstrip("%")] == "bool":
+            e = self.local(tok.lstrip("%"))
+        else:
+            e = f"({self.val(tok)} != 0)"
+        return f"(!{e})" if neg else e
+
+    def write(self, tok: str, value: str, bits: int = 32) -> str:
+        tok = tok.strip()
+        if tok == "_":
+            return f"(void)({value});"
+        if re.fullmatch(r"%\d+", tok):
+            o = self.op(tok)
+            c = o.constraint.lstrip("=+&")
+            if c == "l":
+                return f"{P}set64({o.expr}, (uint64_t)({value}));"
+            return _wr(o, value) + ";"
+        if self.is_local(tok):
+            return f"{self.local(tok.lstrip('%'))} = ({value});"
+        raise Unsupported(tok)
+
+    def smem(self, tok: str) -> str:
+        """A [addr] shared-memory operand (a 32-bit shared-window address, or a generic pointer)."""
+        m = re.fullmatch(r"\[\s*(%?\w+)\s*(?:\+\s*(-?\w+))?\s*\]", tok.strip())
+        if not m:
+            raise Unsupported(tok)
+        base = m[1]
+        if re.fullmatch(r"%\d+", base) and self.op(base).constraint.lstrip("=+&") == "l":
+            e = f"{P}smem_of({self.op(base).expr}, __FILE__, __LINE__)"
+        else:
+            e = f"(uint32_t)({self.val(base)})"
+        return f"({e} + {int(m[2], 0)}u)" if m[2] else e
+
+    def gptr(self, tok: str) -> str:
+        tok = tok.strip()
+        if re.fullmatch(r"%\d+", tok):
+            return f"(const void*)(uintptr_t)({self.val(tok, 64)})"
+        raise Unsupported(tok)
+
+
+def _vec(tok: str) -> list[str]:
+    tok = tok.strip()
+    if not (tok.startswith("{") and tok.endswith("}")):
+        raise Unsupported(tok)
+    return _split_ops(tok[1:-1])
+
+
+_QUALS_IGNORED = {"shared", "shared::cta", "shared::cluster", "b64", "release", "relaxed", "acquire", "cta",
+                  "cluster", "sync", "aligned", "global", "gpu"}
+
+
+def _stmt(ctx: _Ctx, st: str) -> str:
+    guard = None
+    m = re.match(r"@(!?%?\w+)\s+(.*)$", st)
+    if m:
+        guard, st = m[1], m[2]
+    parts = st.split(" ", 1)
+    opcode, rest = parts[0], (parts[1] if len(parts) > 1 else "")
+    args = _split_ops(rest)
+    code = _instr(ctx, opcode, args)
+    if guard:
+        code = f"if ({ctx.pred(guard)}) {{ {code} }}"
+    return code
+
+
+def _instr(ctx: _Ctx, opcode: str, a: list[str]) -> str:
+    w = opcode.split(".")
+    head, mods = w[0], w[1:]
+    q = set(mods)
+    # -- scalar helpers around the sm_90 instructions
+    if head == "setp" and len(a) == 3:
+        cmp = {"ne": "!=", "eq": "==", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}.get(mods[0])
+        if cmp is None:
+            raise Unsupported(opcode)
+        cast = "(int32_t)" if "s32" in q else "(uint32_t)"
+        return ctx.write(a[0], f"{cast}{ctx.val(a[1])} {cmp} {cast}{ctx.val(a[2])}")
+    if head == "selp" and len(a) == 4:
+        return ctx.write(a[0], f"{ctx.pred(a[3])} ? (uint32_t){ctx.val(a[1])} : (uint32_t){ctx.val(a[2])}")
+    if head == "mov" and len(a) == 2 and mods and mods[0] in ("b32", "u32", "s32", "b64", "u64"):
+        bits = 64 if mods[0] in ("b64", "u64") else 32
+        return ctx.write(a[0], ctx.val(a[1], bits), bits)
+    # -- wgmma
+    if head == "wgmma":
+        if mods[:3] == ["fence", "sync", "aligned"] and not a:
+            return f"{P}wgmma_fence(__FILE__, __LINE__);"
+        if mods[:3] == ["commit_group", "sync", "aligned"] and not a:
+            return f"{P}wgmma_commit(__FILE__, __LINE__);"
+        if mods[:3] == ["wait_group", "sync", "aligned"] and len(a) == 1:
+            return f"{P}wgmma_wait((int){ctx.val(a[0])}, __FILE__, __LINE__);"
+        mm = re.fullmatch(r"mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.(bf16|f16)\.(bf16|f16)", ".".join(mods))
+        if mm and mm[2] == mm[3]:
+            n = int(mm[1])
+            d = _vec(a[0])
+            if n % 8 or not 8 <= n <= 256 or len(d) != n // 2:
+                raise TranslateError(f"{ctx.where}: wgmma m64n{n}k16 with {len(d)} accumulator registers")
+            for x in d:
+                if not re.fullmatch(r"%\d+", x):
+                    raise Unsupported(x)
+            dptrs = ", ".join(f"{P}regp({ctx.op(x).expr})" for x in d)
+            if a[1].strip().startswith("{"):  # RS: A from registers
+                av = _vec(a[1])
+                if len(av) != 4 or len(a) != 7:
+                    raise Unsupported(opcode)
+                a_arr = ", ".join(ctx.val(x) for x in av)
+                desc_a, rest = "0ull", a[2:]
+                scale_d, sa, sb, tb = rest[1], rest[2], rest[3], rest[4]
+                ta = "0"
+                a_decl = f"const uint32_t _wa[4] = {{{a_arr}}};"
+                a_ptr = "_wa"
+            else:
+                if len(a) != 8:
+                    raise Unsupported(opcode)
+                desc_a = ctx.val(a[1], 64)
+                rest = a[2:]
+                scale_d, sa, sb, ta, tb = rest[1], rest[2], rest[3], rest[4], rest[5]
+                a_decl, a_ptr = "", "nullptr"
+            desc_b = ctx.val(rest[0], 64)
+            return (f"{a_decl} void* const _wd[] = {{{dptrs}}}; "
+                    f"{P}wgmma({n}, {'true' if mm[2] == 'bf16' else 'false'}, _wd, {desc_a}, {a_ptr}, {desc_b}, "
+                    f"(int){ctx.pred(scale_d)}, (int){ctx.val(sa)}, (int){ctx.val(sb)}, (int){ctx.val(ta)}, "
+                    f"(int){ctx.val(tb)}, __FILE__, __LINE__);")
+        raise Unsupported(opcode)
+    # -- fences
+    if head == "fence":
+        if mods[:2] == ["proxy", "async"] and set(mods[2:]) <= {"shared::cta", "shared::cluster", "global"} and not a:
+            return f"{P}fence_proxy_async(__FILE__, __LINE__);"
+        if mods and mods[0] == "mbarrier_init" and not a:
+            return "(void)0;"  # orders mbarrier.init for the cluster: nothing to order here
+        raise Unsupported(opcode)
+    # -- mbarrier
+    if head == "mbarrier":
+        op = mods[0] if mods else ""
+        rest = [x for x in mods[1:] if x not in _QUALS_IGNORED]
+        if op == "init" and not rest and len(a) == 2:
+            return f"{P}mbar_init({ctx.smem(a[0])}, (uint32_t){ctx.val(a[1])}, __FILE__, __LINE__);"
+        if op == "arrive" and rest in ([], ["expect_tx"]) and len(a) == (3 if rest else 2):
+            tx = f"(uint32_t){ctx.val(a[2])}" if rest else "0u"
+            call = f"{P}mbar_arrive({ctx.smem(a[1])}, {tx}, __FILE__, __LINE__)"
+            return ctx.write(a[0], call, 64)
+        if op == "expect_tx" and not rest and len(a) == 2:
+            return f"{P}mbar_expect_tx({ctx.smem(a[0])}, (uint32_t){ctx.val(a[1])}, __FILE__, __LINE__);"
+        if op == "try_wait" and rest == ["parity"] and len(a) in (3, 4):  # (a 4th operand: the suspend-time hint)
+            call = f"{P}mbar_try_wait_parity({ctx.smem(a[1])}, (uint32_t){ctx.val(a[2])}, __FILE__, __LINE__)"
+            return ctx.write(a[0], call)
+        raise Unsupported(opcode)
+    # -- TMA (bulk tensor copies) and bulk async-groups
+    if head == "cp" and mods[:3] == ["async", "bulk", "tensor"]:
+        rank = int(mods[3][0]) if len(mods) > 3 and re.fullmatch(r"[1-5]d", mods[3]) else 0
+        tail = set(mods[4:])
+        hint = "L2::cache_hint" in tail
+        tail.discard("L2::cache_hint")
+        tail.discard("tile")  # (the default load mode)
+        load = {"shared::cluster", "global", "mbarrier::complete_tx::bytes"}
+        store = {"global", "shared::cta", "bulk_group"}
+        if rank and (tail == load or tail == {"shared::cta", "global", "mbarrier::complete_tx::bytes"}) and \
+                len(a) == 3 + hint:
+            tmap, coords = _tensor_operand(ctx, a[1], rank)
+            return (f"{{ const int32_t _c[5] = {{{coords}}}; {P}tma_load({rank}, {ctx.smem(a[0])}, {tmap}, _c, "
+                    f"{ctx.smem(a[2])}, __FILE__, __LINE__); }}")
+        if rank and tail == store and len(a) == 2 + hint:
+            tmap, coords = _tensor_operand(ctx, a[0], rank)
+            return (f"{{ const int32_t _c[5] = {{{coords}}}; {P}tma_store({rank}, {tmap}, _c, {ctx.smem(a[1])}, "
+                    f"__FILE__, __LINE__); }}")
+        raise Unsupported(opcode)
+    if head == "cp" and mods[:3] == ["async", "bulk", "commit_group"] and not a:
+        return f"{P}bulk_commit(__FILE__, __LINE__);"
+    if head == "cp" and mods[:3] == ["async", "bulk", "wait_group"] and len(a) == 1 and mods[3:] in ([], ["read"]):
+        return f"{P}bulk_wait((int){ctx.val(a[0])}, {'true' if mods[3:] else 'false'}, __FILE__, __LINE__);"
+    if head == "prefetch" and mods in (["tensormap"], ["param", "tensormap"], ["const", "tensormap"]) and len(a) == 1:
+        return f"{P}prefetch_tensormap({ctx.gptr(a[0].strip()[1:-1])}, __FILE__, __LINE__);"
+    # -- named barriers
+    if head in ("bar", "barrier") and mods and mods[0] in ("sync", "arrive", "cta"):
+        kind = [x for x in mods if x not in ("cta", "aligned")]
+        if kind in (["sync"], ["arrive"]) and len(a) in (1, 2):
+            if kind == ["arrive"] and len(a) != 2:
+                raise TranslateError(f"{ctx.where}: bar.arrive needs a thread count")
+            cnt = f"(int){ctx.val(a[1])}" if len(a) == 2 else "-1"
+            return (f"{P}named_barrier((int){ctx.val(a[0])}, {cnt}, {'true' if kind == ['sync'] else 'false'}, "
+                    f"__FILE__, __LINE__);")
+        raise Unsupported(opcode)
+    # -- setmaxnreg, elect, stmatrix
+    if head == "setmaxnreg" and len(mods) == 4 and mods[0] in ("inc", "dec") and mods[1:] == ["sync", "aligned", "u32"] \
+            and len(a) == 1:
+        return f"{P}setmaxnreg({'true' if mods[0] == 'inc' else 'false'}, (int){ctx.val(a[0])}, __FILE__, __LINE__);"
+    if head == "elect" and mods == ["sync"] and len(a) == 2:
+        d, _, p = a[0].partition("|")
+        return (f"{{ bool _ep = false; const uint32_t _el = {P}elect_sync((uint32_t){ctx.val(a[1])}, &_ep, __FILE__, "
+                f"__LINE__); {ctx.write(d, '_el')} {ctx.write(p, '_ep') if p.strip() != '_' else ''} }}")
+    if head == "stmatrix" and {"sync", "aligned", "m8n8", "b16"} <= q and len(a) == 2:
+        num = next((int(x[1]) for x in mods if re.fullmatch(r"x[124]", x)), 0)
+        regs = _vec(a[1])
+        if not num or len(regs) != num or not q <= {"sync", "aligned", "m8n8", "x1", "x2", "x4", "trans", "shared",
+                                                     "shared::cta", "b16"}:
+            raise Unsupported(opcode)
+        vals = ", ".join(ctx.val(x) for x in regs)
+        return (f"{{ const uint32_t _sr[4] = {{{vals}}}; {P}stmatrix({num}, {'true' if 'trans' in q else 'false'}, "
+                f"{ctx.smem(a[0])}, _sr, __FILE__, __LINE__); }}")
+    raise Unsupported(opcode)
+
+
+def _tensor_operand(ctx: _Ctx, tok: str, rank: int) -> tuple[str, str]:
+    """[tmap, {c0, ...}] -> (tensor map pointer expression, coordinate list padded to 5)."""
+    tok = tok.strip()
+    if not (tok.startswith("[") and tok.endswith("]")):
+        raise Unsupported(tok)
+    inner = _split_ops(tok[1:-1])
+    if len(inner) != 2:
+        raise Unsupported(tok)
+    coords = _vec(inner[1])
+    if len(coords) != rank:
+        raise TranslateError(f"{ctx.where}: a {rank}d tensor copy with {len(coords)} coordinates")
+    vals = [f"(int32_t){ctx.val(c)}" for c in coords] + ["0"] * (5 - rank)
+    return ctx.gptr(inner[0]), ", ".join(vals)
+
+
+def emit_statements(t: str, ops: list[Operand], where: str) -> str:
+    """C++ for a template of sm_90-era statements (raises Unsupported if any is not known)."""
+    t = t.replace("%%", "%")  # GCC's escaped '%' of local register names
+    ctx = _Ctx(ops, where)
+    out = []
+    for st in _statements(t):
+        if st in "{}":
+            out.append(st)
+            continue
+        m = re.fullmatch(r"\.reg \.(pred|b32|u32|s32|b64|u64) (.+)", st)
+        if m:
+            ctype = {"pred": "bool", "b32": "uint32_t", "u32": "uint32_t", "s32": "int32_t", "b64": "uint64_t",
+                     "u64": "uint64_t"}[m[1]]
+            names = [x.strip().lstrip("%") for x in m[2].split(",")]
+            for nm in names:
+                ctx.locals[nm] = ctype
+            out.append(" ".join(f"{ctype} {ctx.local(nm)} = {{}};" for nm in names))
+            continue
+        out.append(_stmt(ctx, st))
+    return "do { " + " ".join(out) + " } while (0)"
 
 
 # ---- the rewrites -----------------------------------------------------------------------------------

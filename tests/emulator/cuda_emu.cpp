@@ -12,22 +12,11 @@
 //   abandons the launch, records a message (gptk_emu_fault()) and makes the emulated context
 //   sticky-failed (cudaErrorLaunchFailure) until gptk_emu_reset(), like a faulted CUDA context.
 //   Memory errors on global or shared memory are AddressSanitizer's to report (they abort).
-#include "cuda_emu.h"
+#include "cuda_emu_internal.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 
-#include <cstdarg>
-#include <cstdio>
-#include <cstdlib>
-#include <map>
-#include <random>
-#include <set>
-#include <string>
-#include <vector>
-
-#if defined(__x86_64__) && !defined(GPTK_EMU_UCONTEXT)
-#define GPTK_EMU_ASM_SWITCH 1
+#if GPTK_EMU_ASM_SWITCH
 // gptk_emu_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control word on
 // the current stack, stores the stack pointer in *save, and resumes the context whose stack
 // pointer is `to` (no signal-mask system call, unlike swapcontext).
@@ -63,121 +52,17 @@ gptk_emu_switch:
   .section .note.GNU-stack,"",@progbits
   .text
 )");
-#else
-#define GPTK_EMU_ASM_SWITCH 0
-#endif
-
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#include <sanitizer/common_interface_defs.h>
-#define GPTK_EMU_ASAN 1
-#else
-#define GPTK_EMU_ASAN 0
 #endif
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 
 namespace gptk_emu {
-namespace {
+namespace detail {
 
-// ---- device model and configuration ---------------------------------------------------------------
-constexpr int kMaxThreadsPerBlock = 1024;
-constexpr int kMaxThreadsPerSm = 2048;
-constexpr int kMaxBlocksPerSm = 32;
-constexpr size_t kStaticSmemLimit = 48 * 1024;
-constexpr size_t kSmemOptinMax = 232448;  // 227 KiB per block (sm_90)
-constexpr size_t kSmemPerSm = 233472;     // 228 KiB per SM
-constexpr size_t kSmemReservedPerBlock = 1024;
-
-struct Config {
-  int num_sms = 4;
-  int max_blocks_per_sm = 0;  // 0: from threads and shared memory only
-  // Order in which the threads of a block run between waits. 0-2: sweeps over the threads (forward,
-  // reverse, shuffled), each running every ready thread once: warps advance together. 3-4: greedy
-  // (lowest / highest ready thread first): the first warp runs ahead as far as it can, up to a
-  // block barrier, so a missing __syncthreads between warps (a warp reading shared data another
-  // warp has not yet written, or overwriting data another warp still reads) shows.
-  int thread_order = 0;
-  int block_order = 0;        // 0 forward, 1 reverse, 2 shuffled
-  unsigned seed = 0;
-  int poison = 0xff;          // fill byte of shared memory (0xff: NaN floats, -1 integers)
-  size_t stack_bytes = 256 * 1024;
-};
 Config g_cfg;
 
-// ---- state ------------------------------------------------------------------------------------------
-struct Collective {
-  unsigned mask = 0, arrived = 0;
-  int op = 0;
-  const char* file = nullptr;
-  int line = 0;
-  int refs = 0;
-  unsigned char slots[32][kSlot];
-};
-
-enum class St { Ready, WaitBlock, WaitWarp, Exited, Faulted };
-
-struct CpOp {
-  void* dst;
-  const void* src;
-  int cp_size, src_size;
-};
-
-struct Thread {
-#if GPTK_EMU_ASM_SWITCH
-  void* sp = nullptr;
-#else
-  ucontext_t uc;
-#endif
-  char* stack = nullptr;
-  St st = St::Exited;
-  uint3 tid{0, 0, 0};
-  unsigned lin = 0, warp = 0, lane = 0;
-  Collective* held = nullptr;     // the last collective this lane took part in (its slots are being read)
-  Collective* waiting = nullptr;  // the collective it waits at
-  const char* wfile = nullptr;    // where it waits at the block barrier
-  int wline = 0;
-  std::vector<CpOp> cp_open;
-  std::vector<std::vector<CpOp>> cp_groups;
-  void* fake_stack = nullptr;
-};
-
-struct SharedAlloc {
-  const void* tag;  // the declaration (nullptr: dynamic shared memory)
-  char* host;
-  size_t size;
-  uint32_t base;    // shared-window address
-  const char* name;
-};
-
-struct Warp {
-  unsigned exists = 0, exited = 0;
-  std::vector<Collective*> gathering;
-};
-
-struct Block {
-  std::vector<SharedAlloc> allocs;
-  size_t static_bytes = 0;
-  uint32_t next_base = 0;
-  char* dyn = nullptr;
-  unsigned nthreads = 0, live = 0, arrived = 0;
-  const char* bfile = nullptr;
-  int bline = 0;
-  int count_acc = 0, count_result = 0;
-  std::vector<Warp> warps;
-};
-
-struct Launch {
-  const void* fn = nullptr;
-  LaunchCfg cfg{};
-  void (*body)(void*) = nullptr;
-  void* closure = nullptr;
-  std::string name;
-  bool entered = false;
-};
-
-std::vector<Thread> g_threads;  // fiber pool (stacks kept between launches)
+std::vector<Thread> g_threads;
 Launch* g_launch = nullptr;
 Block* g_block = nullptr;
 Thread* g_cur = nullptr;
@@ -266,6 +151,13 @@ std::string thread_desc(const Thread* t) {
                 t->tid.z);
 }
 
+std::string alloc_where(uint32_t addr) {
+  if (g_block != nullptr)
+    for (const SharedAlloc& a : g_block->allocs)
+      if (addr >= a.base && addr < a.base + a.size) return format("%s+0x%x", a.name, addr - a.base);
+  return format("0x%x (no shared allocation)", addr);
+}
+
 void release_held(Thread* t) {
   if (t->held != nullptr) {
     if (--t->held->refs == 0) delete t->held;
@@ -325,6 +217,7 @@ void thread_exit(Thread* t) {
   w.exited |= bit;
   --B.live;
   release_block_barrier_if_complete();
+  if (t->sm90 != nullptr || B.sm90 != nullptr) sm90_thread_exit(t);
 }
 
 // ---- blocks and launches ------------------------------------------------------------------------------
@@ -377,6 +270,8 @@ std::string describe_deadlock(Block& B) {
       const Collective* c = t.waiting;
       where[format("warp %u collective at %s:%d (mask %08x, arrived %08x)", t.warp, base_name(c->file), c->line,
                    c->mask, c->arrived)]++;
+    } else if (t.st == St::WaitGroup || t.st == St::Spin) {
+      where[sm90_wait_desc(t)]++;
     }
   }
   std::string s = format("deadlock in block (%u,%u,%u): %u threads left, ", blockIdx.x, blockIdx.y, blockIdx.z, B.live);
@@ -451,7 +346,7 @@ void run_block(Launch& L, uint3 bid, std::mt19937& rng) {
     bool ran = false;
     for (unsigned i : order) {
       Thread& t = g_threads[i];
-      if (t.st != St::Ready) continue;
+      if (t.st != St::Ready && !(t.st == St::Spin && sm90_runnable(t))) continue;
       ran = true;
       switch_to(&t);
       if (g_fault_now || greedy) break;  // greedy: rescan from the first thread after every switch
@@ -474,6 +369,7 @@ void run_block(Launch& L, uint3 bid, std::mt19937& rng) {
   if (g_fault_now)
     for (unsigned i = 0; i < n; ++i) __asan_unpoison_memory_region(g_threads[i].stack, g_cfg.stack_bytes);
 #endif
+  if (B.sm90 != nullptr) sm90_block_end(B);
   for (SharedAlloc& a : B.allocs) free(a.host);
   g_block = nullptr;
 }
@@ -483,7 +379,9 @@ cudaError_t set_error(cudaError_t e) {
   return e;
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 // ---- hooks called by the translated kernels -------------------------------------------------------------
 void fault(const char* fmt, ...) {
@@ -546,9 +444,9 @@ void* shared_var(const void* tag, size_t size, size_t align, const char* name) {
   B.static_bytes += size;
   if (B.static_bytes > kStaticSmemLimit)
     fault("static shared memory of %zu bytes (with __shared__ %s) exceeds the 48 KiB limit", B.static_bytes, name);
-  if (B.static_bytes + g_launch->cfg.smem > kSmemOptinMax)
+  if (B.static_bytes + g_launch->cfg.smem > smem_optin_max(g_cfg.cc))
     fault("static (%zu) + dynamic (%zu) shared memory exceed the %zu bytes a block may have", B.static_bytes,
-          g_launch->cfg.smem, kSmemOptinMax);
+          g_launch->cfg.smem, smem_optin_max(g_cfg.cc));
   char* p = alloc_shared(size);
   B.allocs.push_back(SharedAlloc{tag, p, size, reserve_window(B, size), name});
   return p;
@@ -709,6 +607,7 @@ void ldmatrix(int num, bool trans, uint32_t addr, uint32_t* regs, const char* fi
       if (src.num != num || src.trans != mine.trans)
         fault("%s:%d: lanes of one ldmatrix disagree on its shape", base_name(file), line);
       const char* p = static_cast<const char*>(shared_ptr(src.addr, 16, 16, "ldmatrix row", file, line));
+      sm90_check_generic_read(src.addr, 16, "ldmatrix", file, line);
       uint16_t e;
       std::memcpy(&e, p + 2 * col, 2);
       v |= (uint32_t)e << (16 * h);
@@ -769,7 +668,7 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
 
 cudaError_t set_func_attribute(const void* fn, int attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || (size_t)value > kSmemOptinMax) return set_error(cudaErrorInvalidValue);
+    if (value < 0 || (size_t)value > smem_optin_max(g_cfg.cc)) return set_error(cudaErrorInvalidValue);
     g_max_dyn_smem[fn] = value;
     return cudaSuccess;
   }
@@ -784,7 +683,7 @@ cudaError_t occupancy(int* n, const void* fn, int block, size_t smem) {
   if (n == nullptr || block <= 0 || block > kMaxThreadsPerBlock) return set_error(cudaErrorInvalidValue);
   const int warps = (block + 31) / 32;
   int by_threads = kMaxThreadsPerSm / (warps * 32);
-  int by_smem = (int)(kSmemPerSm / (smem + kSmemReservedPerBlock));
+  int by_smem = (int)(smem_per_sm(g_cfg.cc) / (smem + kSmemReservedPerBlock));
   int r = std::min({by_threads, by_smem, kMaxBlocksPerSm});
   if (g_cfg.max_blocks_per_sm > 0) r = std::min(r, g_cfg.max_blocks_per_sm);
   *n = r;
@@ -809,7 +708,7 @@ cudaError_t run_launch(const void* fn, const LaunchCfg& cfg, void (*body)(void*)
       return set_error(cudaErrorInvalidValue);
     }
   }
-  if (cfg.smem > kSmemOptinMax) return set_error(cudaErrorInvalidValue);
+  if (cfg.smem > smem_optin_max(g_cfg.cc)) return set_error(cudaErrorInvalidValue);
   ensure_pool((unsigned)nthreads);
   Launch L;
   L.fn = fn, L.cfg = cfg, L.body = body, L.closure = closure;
@@ -847,6 +746,7 @@ cudaError_t run_launch(const void* fn, const LaunchCfg& cfg, void (*body)(void*)
 
 // ---- runtime API ----------------------------------------------------------------------------------------
 using namespace gptk_emu;
+using namespace gptk_emu::detail;
 
 const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
@@ -903,11 +803,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
     case cudaDevAttrMultiProcessorCount: *value = g_cfg.num_sms; break;
     case cudaDevAttrL2CacheSize: *value = 50 * 1024 * 1024; break;
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = kMaxThreadsPerSm; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)kSmemPerSm; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = g_cfg.cc / 10; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = g_cfg.cc % 10; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)smem_per_sm(g_cfg.cc); break;
     case cudaDevAttrMaxRegistersPerMultiprocessor: *value = 65536; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = (int)kSmemOptinMax; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = (int)smem_optin_max(g_cfg.cc); break;
     case cudaDevAttrMaxBlocksPerMultiprocessor: *value = kMaxBlocksPerSm; break;
     default: return set_error(cudaErrorInvalidValue);
   }
@@ -917,10 +817,10 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int dev) {
   if (p == nullptr || dev != 0) return set_error(cudaErrorInvalidValue);
   std::memset(p, 0, sizeof *p);
   snprintf(p->name, sizeof p->name, "gptk_emu (CPU emulation, %d SMs)", g_cfg.num_sms);
-  p->major = 9, p->minor = 0;
+  p->major = g_cfg.cc / 10, p->minor = g_cfg.cc % 10;
   p->multiProcessorCount = g_cfg.num_sms;
-  p->sharedMemPerBlock = kStaticSmemLimit, p->sharedMemPerBlockOptin = kSmemOptinMax;
-  p->sharedMemPerMultiprocessor = kSmemPerSm;
+  p->sharedMemPerBlock = kStaticSmemLimit, p->sharedMemPerBlockOptin = smem_optin_max(g_cfg.cc);
+  p->sharedMemPerMultiprocessor = smem_per_sm(g_cfg.cc);
   p->maxThreadsPerBlock = kMaxThreadsPerBlock, p->maxThreadsPerMultiProcessor = kMaxThreadsPerSm;
   p->maxBlocksPerMultiProcessor = kMaxBlocksPerSm;
   p->warpSize = 32;
@@ -978,6 +878,20 @@ __attribute__((visibility("default"))) int gptk_emu_configure(int num_sms, int m
   g_cfg.block_order = block_order;
   g_cfg.seed = seed;
   g_cfg.poison = poison_byte;
+  return 0;
+}
+// The sm_90 asynchrony schedule: wgmma math and TMA copies happen at the latest point the program
+// may observe them (wgmma.wait_group / a waiter on the mbarrier: the default, 0) or at issue (1).
+__attribute__((visibility("default"))) int gptk_emu_configure_async(int wgmma_at_issue, int tma_at_issue) {
+  if (wgmma_at_issue < 0 || wgmma_at_issue > 1 || tma_at_issue < 0 || tma_at_issue > 1) return 1;
+  g_cfg.wgmma_at_issue = wgmma_at_issue;
+  g_cfg.tma_at_issue = tma_at_issue;
+  return 0;
+}
+// The emulated device's compute capability: 90 (the default) or 80 (sm_90 instructions then fault).
+__attribute__((visibility("default"))) int gptk_emu_configure_device(int cc) {
+  if (cc != 80 && cc != 90) return 1;
+  g_cfg.cc = cc;
   return 0;
 }
 __attribute__((visibility("default"))) const char* gptk_emu_fault() { return g_fault.c_str(); }

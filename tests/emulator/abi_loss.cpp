@@ -1,5 +1,5 @@
-// abi_cross_entropy.cpp: test-only C ABI over the fused softmax cross-entropy launchers, for the
-// emulated kernel tests (tests/test_emulated_kernels.py loads it with ctypes). Built only into the
+// abi_loss.cpp: test-only C ABI over the fused softmax cross-entropy launchers, for the
+// emulated kernel tests (tests/test_emulated_loss.py loads it with ctypes). Built only into the
 // emulator library.
 #include "loss/cross_entropy.h"
 

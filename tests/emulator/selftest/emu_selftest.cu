@@ -1,5 +1,5 @@
 // emu_selftest.cu: kernels that test the CUDA emulator itself (the "selftest" cases of
-// tests/test_emulated_kernels.py): correct uses of warp intrinsics, shared memory, cp.async,
+// tests/emulator/test_emulator_selftest.py): correct uses of warp intrinsics, shared memory, cp.async,
 // ldmatrix and mma.sync whose results the tests compare with plain math, and deliberate bugs that
 // the emulator must report (a test that cannot fail proves nothing). Plain CUDA: the same file
 // would build with nvcc for sm_80+. The extern "C" functions at the end are the tests' entry points.

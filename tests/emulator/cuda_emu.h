@@ -5,7 +5,7 @@
 // What it is
 // - Included (with -include) instead of the CUDA toolkit when a kernel file, rewritten by
 //   translate.py (launch syntax, __shared__ declarations, inline PTX, kernel entry hooks), is
-//   compiled as C++20. tools/cuda_emu/include/ holds cuda_runtime.h / cuda_fp16.h / cuda_bf16.h
+//   compiled as C++20. tests/emulator/include/ holds cuda_runtime.h / cuda_fp16.h / cuda_bf16.h
 //   shims that only include this header: the CUDA toolkit is never used.
 // - Execution (cuda_emu.cpp): a launch runs its blocks one after another; the threads of a block
 //   are cooperative fibers on the calling OS thread, run in a deterministic schedule (sweeps in
@@ -15,6 +15,10 @@
 //   their masks (a lane named in the mask that has exited or does not exist, a lane outside its own
 //   mask, mismatched collectives and deadlocks are reported as kernel faults); ldmatrix, mma.sync
 //   m16n8k16 and cp.async (deferred until cp.async.wait_group) are emulated per warp / per thread.
+// - sm_90 (cuda_emu_sm90.cpp): wgmma (warpgroup collectives; math deferred to wait_group), TMA against
+//   tensor maps from an emulated cuTensorMapEncodeTiled, mbarrier (a failed try_wait yields until the
+//   barrier changes), fence.proxy.async (an async-proxy view of shared memory), named barriers,
+//   setmaxnreg, elect.sync, stmatrix; layouts from CUTLASS/CuTe, misuse reported as kernel faults.
 // - Memory: global memory is host memory (tensors' data pointers; cudaMalloc is malloc). Each
 //   __shared__ variable and the dynamic shared memory are separate heap allocations per block,
 //   filled with a poison byte (0xff: NaN / -1), so out-of-bounds shared accesses hit ASan redzones
@@ -199,7 +203,7 @@ void kernel_entry(const char* name, long long max_threads, long long min_blocks)
 // stay valid until the calling lane's next collective.
 constexpr int kSlot = 64;
 enum Op : int { kShfl = 1, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncwarp, kLdmatrix, kMma, kReduce,
-                kMatch };
+                kMatch, kElect, kStmatrix };
 const unsigned char* warp_collective(unsigned mask, int op, const void* data, size_t n, const char* file, int line);
 unsigned lane_id();
 unsigned live_lanes();  // lanes of this warp that exist and have not exited
@@ -681,6 +685,42 @@ inline void mma_m16n8k16_(bool bf16, D& d0, D& d1, D& d2, D& d3, uint32_t a0, ui
   set32(d0, f2u(d[0])), set32(d1, f2u(d[1])), set32(d2, f2u(d[2])), set32(d3, f2u(d[3]));
 }
 [[noreturn]] void unsupported(const char* text, const char* file, int line);
+
+// ---- sm_90 (cuda_emu_sm90.cpp; semantics and sources there) ----
+template <class D>
+inline void set64(D& d, uint64_t bits) {
+  static_assert(sizeof(D) == 8, "a 64-bit PTX result");
+  std::memcpy(&d, &bits, 8);
+}
+// The address of a wgmma accumulator register (a 32-bit variable of the calling thread).
+template <class T>
+inline void* regp(T& x) {
+  static_assert(sizeof(T) == 4 && std::is_trivially_copyable_v<T>, "a 32-bit wgmma accumulator register");
+  return static_cast<void*>(&x);
+}
+uint32_t smem_of(uint64_t generic, const char* file, int line);  // a generic pointer operand of a shared-memory op
+void wgmma_fence(const char* file, int line);
+void wgmma_commit(const char* file, int line);
+void wgmma_wait(int n, const char* file, int line);
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{bf16,f16}: d = the thread's n/2 accumulator registers;
+// a = nullptr (SS: A from desc_a) or the thread's 4 A-fragment registers (RS).
+void wgmma(int n, bool bf16, void* const* d, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, int scale_d,
+           int scale_a, int scale_b, int trans_a, int trans_b, const char* file, int line);
+void fence_proxy_async(const char* file, int line);
+void mbar_init(uint32_t addr, uint32_t count, const char* file, int line);
+uint64_t mbar_arrive(uint32_t addr, uint32_t expect_tx, const char* file, int line);
+void mbar_expect_tx(uint32_t addr, uint32_t tx, const char* file, int line);
+bool mbar_try_wait_parity(uint32_t addr, uint32_t parity, const char* file, int line);
+void tma_load(int rank, uint32_t dst, const void* tmap, const int32_t* coords, uint32_t mbar, const char* file,
+              int line);
+void tma_store(int rank, const void* tmap, const int32_t* coords, uint32_t src, const char* file, int line);
+void bulk_commit(const char* file, int line);
+void bulk_wait(int n, bool read, const char* file, int line);
+void prefetch_tensormap(const void* tmap, const char* file, int line);
+void named_barrier(int id, int count, bool sync, const char* file, int line);
+void setmaxnreg(bool inc, int n, const char* file, int line);
+uint32_t elect_sync(uint32_t mask, bool* pred, const char* file, int line);
+void stmatrix(int num, bool trans, uint32_t addr, const uint32_t* regs, const char* file, int line);
 }  // namespace ptx
 }  // namespace gptk_emu
 
@@ -706,6 +746,93 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
                               cudaMemcpyKind kind, cudaStream_t s = nullptr);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
 cudaError_t cudaDeviceSynchronize();
+
+// Driver entry points (the only one emulated: cuTensorMapEncodeTiled, for TMA tensor maps).
+enum cudaGetDriverEntryPointFlags {
+  cudaEnableDefault = 0x0,
+  cudaEnableLegacyStream = 0x1,
+  cudaEnablePerThreadDefaultStream = 0x2,
+};
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2,
+};
+cudaError_t cudaGetDriverEntryPoint(const char* symbol, void** funcPtr, unsigned long long flags,
+                                    cudaDriverEntryPointQueryResult* driverStatus = nullptr);
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** funcPtr, unsigned int cudaVersion,
+                                             unsigned long long flags,
+                                             cudaDriverEntryPointQueryResult* driverStatus = nullptr);
+
+// ---- driver API types (<cuda.h>, CUDA 13.0: the tensor map part) ---------------------------------------
+#define CUDAAPI
+typedef uint32_t cuuint32_t;
+typedef uint64_t cuuint64_t;
+enum cudaError_enum {
+  CUDA_SUCCESS = 0,
+  CUDA_ERROR_INVALID_VALUE = 1,
+  CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+typedef enum cudaError_enum CUresult;
+#define CU_TENSOR_MAP_NUM_QWORDS 16
+typedef struct CUtensorMap_st {
+  alignas(128) cuuint64_t opaque[CU_TENSOR_MAP_NUM_QWORDS];
+} CUtensorMap;
+typedef enum CUtensorMapDataType_enum {
+  CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0,
+  CU_TENSOR_MAP_DATA_TYPE_UINT16,
+  CU_TENSOR_MAP_DATA_TYPE_UINT32,
+  CU_TENSOR_MAP_DATA_TYPE_INT32,
+  CU_TENSOR_MAP_DATA_TYPE_UINT64,
+  CU_TENSOR_MAP_DATA_TYPE_INT64,
+  CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+  CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+  CU_TENSOR_MAP_DATA_TYPE_FLOAT64,
+  CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+  CU_TENSOR_MAP_DATA_TYPE_FLOAT32_FTZ,
+  CU_TENSOR_MAP_DATA_TYPE_TFLOAT32,
+  CU_TENSOR_MAP_DATA_TYPE_TFLOAT32_FTZ,
+  CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN8B,
+  CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B,
+  CU_TENSOR_MAP_DATA_TYPE_16U6_ALIGN16B
+} CUtensorMapDataType;
+typedef enum CUtensorMapInterleave_enum {
+  CU_TENSOR_MAP_INTERLEAVE_NONE = 0,
+  CU_TENSOR_MAP_INTERLEAVE_16B,
+  CU_TENSOR_MAP_INTERLEAVE_32B
+} CUtensorMapInterleave;
+typedef enum CUtensorMapSwizzle_enum {
+  CU_TENSOR_MAP_SWIZZLE_NONE = 0,
+  CU_TENSOR_MAP_SWIZZLE_32B,
+  CU_TENSOR_MAP_SWIZZLE_64B,
+  CU_TENSOR_MAP_SWIZZLE_128B,
+  CU_TENSOR_MAP_SWIZZLE_128B_ATOM_32B,
+  CU_TENSOR_MAP_SWIZZLE_128B_ATOM_32B_FLIP_8B,
+  CU_TENSOR_MAP_SWIZZLE_128B_ATOM_64B
+} CUtensorMapSwizzle;
+typedef enum CUtensorMapL2promotion_enum {
+  CU_TENSOR_MAP_L2_PROMOTION_NONE = 0,
+  CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
+  CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+  CU_TENSOR_MAP_L2_PROMOTION_L2_256B
+} CUtensorMapL2promotion;
+typedef enum CUtensorMapFloatOOBfill_enum {
+  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0,
+  CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA
+} CUtensorMapFloatOOBfill;
+// Emulated: validates its arguments as the driver documents them and stores them in the opaque map
+// (cuda_emu_sm90.cpp). Kernels get it through cudaGetDriverEntryPoint (no -lcuda).
+CUresult cuTensorMapEncodeTiled(CUtensorMap* tensorMap, CUtensorMapDataType tensorDataType, cuuint32_t tensorRank,
+                                void* globalAddress, const cuuint64_t* globalDim, const cuuint64_t* globalStrides,
+                                const cuuint32_t* boxDim, const cuuint32_t* elementStrides,
+                                CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                                CUtensorMapL2promotion l2Promotion, CUtensorMapFloatOOBfill oobFill);
+typedef CUresult(CUDAAPI* PFN_cuTensorMapEncodeTiled_v12000)(
+    CUtensorMap* tensorMap, CUtensorMapDataType tensorDataType, cuuint32_t tensorRank, void* globalAddress,
+    const cuuint64_t* globalDim, const cuuint64_t* globalStrides, const cuuint32_t* boxDim,
+    const cuuint32_t* elementStrides, CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+    CUtensorMapL2promotion l2Promotion, CUtensorMapFloatOOBfill oobFill);
+#define PFN_cuTensorMapEncodeTiled PFN_cuTensorMapEncodeTiled_v12000
 
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value) {

@@ -1,5 +1,5 @@
 // abi_attention.cpp: test-only C ABI over the attention launchers (flash.h), for the emulated kernel
-// tests (tests/test_emulated_kernels.py loads it with ctypes). Built only into the emulator library.
+// tests (tests/test_emulated_attention.py loads it with ctypes). Built only into the emulator library.
 // Tensors come as pointers plus (batch, head, row) element strides, in SDPA's (B, H, S, D) order.
 #include "attention/flash.h"
 

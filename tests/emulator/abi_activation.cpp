@@ -1,5 +1,5 @@
 // abi_activation.cpp: test-only C ABI over the bias_act launchers, for the emulated kernel tests
-// (tests/test_emulated_kernels.py loads it with ctypes). Built only into the emulator library.
+// (tests/test_emulated_activation.py loads it with ctypes). Built only into the emulator library.
 #include "activation/bias_act.h"
 
 #define GPTK_EMU_EXPORT extern "C" __attribute__((visibility("default")))

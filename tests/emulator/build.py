@@ -1,20 +1,21 @@
 """build.py: build the CPU-emulated kernel libraries (one shared library per kernel family).
 
 Steps: translate every csrc/**/*.{cu,cuh,h} into build/emu/src/ (translate.py), compile the family's
-kernel files, its test-only C ABI (tools/cuda_emu/abi_<family>.cpp) and the emulator runtime
-(cuda_emu.cpp) with g++ -std=c++20 under AddressSanitizer + UBSan, link
+kernel files, its test-only C ABI (tests/emulator/abi_<family>.cpp) and the emulator runtime
+(cuda_emu.cpp, cuda_emu_sm90.cpp) with g++ -std=c++20 under AddressSanitizer + UBSan, link
 build/emu/lib/libgptk_emu_<family>-<hash>.so. Objects and libraries are cached by a hash of
 everything that goes into them (sources, translated headers, emulator, flags, compiler), so a
 second build is instant and an edited kernel rebuilds only its object.
 
 The libraries must be loaded into a process that has the ASan runtime first (LD_PRELOAD, see
-asan_env()); tests/test_emulated_kernels.py does that in a worker process.
+asan_env()); the harness (tests/emulator/harness.py) does that in a worker process.
 
-    python tools/cuda_emu/build.py [family ...]     # prints the library paths
+    python tests/emulator/build.py [family ...]     # prints the library paths
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -43,17 +44,39 @@ def _load(name: str, path: Path):
 
 translate = _load("gptk_cuda_emu_translate", HERE / "translate.py")
 
-# family -> (kernel files under csrc/, ABI file under tools/cuda_emu/ or None). "selftest" is the
-# emulator's own test kernels (tools/cuda_emu/selftest/, translated into _selftest/).
+# family -> (kernel files under csrc/ (glob patterns allowed), ABI file under tests/emulator/ or None).
+# "selftest" is the emulator's own test kernels (tests/emulator/selftest/, translated into _selftest/).
 FAMILIES = {
     "activation": (["activation/bias_act.cu"], "abi_activation.cpp"),
     "layernorm": (["layernorm/layer_norm.cu"], "abi_layernorm.cpp"),
-    "cross_entropy": (["loss/cross_entropy.cu"], "abi_cross_entropy.cpp"),
+    "loss": (["loss/cross_entropy.cu"], "abi_loss.cpp"),
+    # the per-(head dim, dtype) instantiation files, whatever head dims they are generated for
     "attention": (["attention/flash_api.cu", "attention/flash_bwd_prep.cu", "attention/flash_decode.cu",
-                   *[f"attention/flash_{kind}_hdim{d}_{t}.cu" for kind in ("fwd", "bwd") for d in (64, 128)
-                     for t in ("bf16", "fp16")]], "abi_attention.cpp"),
-    "selftest": (["_selftest/emu_selftest.cu"], None),
+                   "attention/flash_fwd_hdim*_*.cu", "attention/flash_bwd_hdim*_*.cu"], "abi_attention.cpp"),
+    "selftest": (["_selftest/*.cu"], None),
 }
+
+
+def family_files(family: str, reports: dict) -> list[str]:
+    """The family's kernel files (relative to the translated tree) that exist, globs expanded
+    (sorted); [] when a file it names is missing (the family's kernels are not in this tree)."""
+    out = []
+    for pat in FAMILIES[family][0]:
+        if any(c in pat for c in "*?["):
+            hits = sorted(k for k in reports if k.endswith(".cu") and fnmatch.fnmatchcase(k, pat))
+            if not hits:
+                return []
+            out += hits
+        elif pat in reports:
+            out.append(pat)
+        else:
+            return []
+    return out
+
+
+# The emulator runtime (cuda_emu.cpp: fibers, scheduler, barriers, warp collectives, runtime API;
+# cuda_emu_sm90.cpp: wgmma, mbarrier, TMA, named barriers, setmaxnreg, elect, stmatrix).
+RUNTIME_SOURCES = [HERE / "cuda_emu.cpp", HERE / "cuda_emu_sm90.cpp"]
 
 SANITIZE = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 # Kernel files compile at -O0 (4-5x faster to build than -O1 under the sanitizers, and the cases are
@@ -200,18 +223,22 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
     for f in wanted:
         if f not in FAMILIES:
             raise BuildError("compile", f"unknown family {f!r} (known: {', '.join(FAMILIES)})")
-    present = [f for f in wanted if all((src_dir / k).exists() and k in reports for k in FAMILIES[f][0])]
+    files = {f: family_files(f, reports) for f in wanted}
+    present = [f for f in wanted if files[f]]
 
     # compile jobs: (object path, source path, is .cu)
     jobs_list = {}
-    rt_src = HERE / "cuda_emu.cpp"
-    rt_obj = obj_dir / f"cuda_emu-{_hash(common, rt_src.read_text())}.o"
-    jobs_list[rt_obj] = (rt_src, False, RUNTIME_OPT)
+    internal = (HERE / "cuda_emu_internal.h").read_text()
+    rt_objs = []
+    for rt_src in RUNTIME_SOURCES:
+        rt_obj = obj_dir / f"{rt_src.stem}-{_hash(common, internal, rt_src.read_text())}.o"
+        jobs_list[rt_obj] = (rt_src, False, RUNTIME_OPT)
+        rt_objs.append(rt_obj)
     fam_objs = {}
     for f in present:
-        kernels, abi = FAMILIES[f]
-        objs = [rt_obj]
-        for k in kernels:
+        abi = FAMILIES[f][1]
+        objs = list(rt_objs)
+        for k in files[f]:
             src = src_dir / k
             o = obj_dir / f"{Path(k).stem}-{_hash(common, k, src.read_text())}.o"
             jobs_list[o] = (src, True, KERNEL_OPT)
@@ -254,7 +281,7 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
             os.replace(tmp, lib)
         # (headers' inline PTX is listed for every family: which headers a file includes is not tracked)
         unsupported = [u for k, rep in reports.items()
-                       if k in FAMILIES[f][0] or (not k.endswith(".cu") and not k.startswith("_selftest"))
+                       if k in files[f] or (not k.endswith(".cu") and not k.startswith("_selftest"))
                        for u in rep.unsupported_ptx]
         out[f] = Built(f, lib, unsupported)
     return out

@@ -1,5 +1,5 @@
 // abi_layernorm.cpp: test-only C ABI over the LayerNorm launchers, for the emulated kernel tests
-// (tests/test_emulated_kernels.py loads it with ctypes). Built only into the emulator library.
+// (tests/test_emulated_layernorm.py loads it with ctypes). Built only into the emulator library.
 #include "layernorm/layer_norm.h"
 
 #define GPTK_EMU_EXPORT extern "C" __attribute__((visibility("default")))
