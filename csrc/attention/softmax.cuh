@@ -46,6 +46,16 @@ struct OnlineSoftmax {
   // o: the output accumulator, rescaled to the new running max.
   template <int NT, int DT>
   __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][DT][4], float scale_log2) {
+    float corr[MT * 2];
+    exp_scores(s, scale_log2, corr);
+    rescale(o, corr);
+  }
+
+  // update() in two halves, for kernels whose o is still being accumulated by an asynchronous MMA
+  // while the next block's scores are exponentiated (the sm90 forward): exp_scores updates the
+  // running max and sums and returns each row's correction factor; rescale applies it to o later.
+  template <int NT>
+  __device__ __forceinline__ void exp_scores(float (&s)[MT][NT][4], float scale_log2, float (&corr)[MT * 2]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -56,7 +66,7 @@ struct OnlineSoftmax {
         for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
         mx = quad_max(mx);
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float corr = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when the old max was -inf
+        corr[r] = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when the old max was -inf
         row_max[r] = mx;
         float sum = 0.f;
 #pragma unroll
@@ -68,12 +78,21 @@ struct OnlineSoftmax {
             sum += p;
           }
         }
-        row_sum[r] = row_sum[r] * corr + sum;
+        row_sum[r] = row_sum[r] * corr[r] + sum;
+      }
+    }
+  }
+
+  template <int DT>
+  __device__ __forceinline__ void rescale(float (&o)[MT][DT][4], const float (&corr)[MT * 2]) const {
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[mt][dt][2 * h] *= corr;
-          o[mt][dt][2 * h + 1] *= corr;
-        }
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[mt][dt][0] *= corr[mt * 2];
+        o[mt][dt][1] *= corr[mt * 2];
+        o[mt][dt][2] *= corr[mt * 2 + 1];
+        o[mt][dt][3] *= corr[mt * 2 + 1];
       }
     }
   }
