@@ -113,12 +113,14 @@ std::string impl_summary(AttnOp op, int cc, const char* requested) {
   const ImplRow& c = *find_row(chosen);
   if (c.opt_in) s += " (opt-in, not verified on a GPU)";
   if (c.refuses != nullptr) s += "; calls it refuses: " + impl_description(select_impl(op, cc, "auto"), op);
-  for (const ImplRow& r : kImpls) {  // the other rows that exist for this op and device
-    if (r.impl == chosen || !covers(r, op, cc)) continue;
+  // The other rows that exist for this op and device, under "auto" or when requested by name.
+  for (const ImplRow& r : kImpls) {
+    if (r.impl == chosen || !covers(r, op, cc) || !(is_auto(requested) || std::strcmp(r.name, requested) == 0))
+      continue;
     const std::string other = impl_description(r.impl, op);
     if (!r.built)
       s += "; " + other + ": not in this build (no sm_90a)";
-    else if (r.opt_in && is_auto(requested))
+    else if (r.opt_in)
       s += "; opt-in: " + other + " (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=" + r.name;
   }
   return s;
