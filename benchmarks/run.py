@@ -1,4 +1,4 @@
-"""Run the benchmarks: `python -m benchmarks.run [--quick] [--ops layernorm,attention] [--out DIR]`.
+"""Run the benchmarks: `python -m benchmarks.run [--quick] [--ops layernorm,attention] [--modes fwd] [--out DIR]`.
 
 Finds every benchmarks/bench_<op>.py, runs its cases(quick) through the shared harness, prints a
 table and writes JSON, CSV and PNG charts (default benchmarks/results/, named by GPU and date).
@@ -30,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--ops", default=",".join(available_ops()), help=f"comma list of {available_ops()}")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--stem", default=None, help="output file stem (default bench-<gpu>-<date>)")
+    ap.add_argument("--modes", default=None, help=f"comma list of {harness.MODES} to time (default: each case's own)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rep", type=int, default=30)
     args = ap.parse_args(argv)
@@ -45,7 +46,14 @@ def main(argv=None):
             print(f"== {op}: standalone, run `python -m benchmarks.bench_{op}`")
             continue
         print(f"== {op}")
+        modes = None if args.modes is None else [m.strip() for m in args.modes.split(",") if m.strip()]
+        if modes is not None and any(m not in harness.MODES for m in modes):
+            ap.error(f"--modes: expected some of {harness.MODES}, got {args.modes!r}")
         for case in mod.cases(args.quick):
+            if modes is not None:
+                case.modes = tuple(m for m in case.modes if m in modes)
+                if not case.modes:
+                    continue
             rows += harness.run_case(case, warmup=args.warmup, rep=args.rep)
     gpu = (env["gpu"] or "cpu").replace(" ", "-").replace("NVIDIA-", "").lower()
     stem = args.stem or f"bench-{gpu}-{datetime.date.today().isoformat()}"

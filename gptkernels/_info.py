@@ -8,6 +8,7 @@ import torch
 
 from gptkernels import _backend
 from gptkernels._selftest import state as _selftest_state
+from gptkernels.ops import attention as _attention
 
 # Per op: the extension ops its kernel path runs, what runs on a GPU without the kernel (the
 # "torch" path of gptkernels._backend), and, for attention, the op whose implementation the C++
@@ -53,7 +54,7 @@ def implementation(name: str, *, capability: tuple[int, int] | None, mode: str |
     if attn_op is None:
         return "CUDA kernel"
     try:
-        desc = torch.ops.gptkernels.attention_impl(attn_op, capability[0] * 10 + capability[1])
+        desc = _attention.kernel_implementation(attn_op, capability)
     except RuntimeError as e:  # e.g. GPTKERNELS_ATTENTION_IMPL names no implementation
         return f"error: {str(e).splitlines()[0]}"
     return f"{desc}" if desc else f"{torch_path} (no attention kernel for sm_{capability[0]}{capability[1]})"

@@ -5,7 +5,9 @@ Kernel accuracy follows FlashAttention's rule: the kernel's max error against th
 at most 2x (plus a small epsilon) the error of the same math done by PyTorch in the inputs' low
 precision (attention_ref(upcast=False)).
 """
+import io
 import math
+import os
 
 import pytest
 import torch
@@ -260,6 +262,88 @@ def test_torch_path_matches_reference(layout, causal, sq, sk, kv):
         close(got, want)
 
 
+def test_set_attention_impl(monkeypatch):
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "")  # restored after the test
+    assert gptkernels.get_attention_impl() == "auto"
+    for impl in A.ATTENTION_IMPLS:
+        gptkernels.set_attention_impl(impl)
+        assert gptkernels.get_attention_impl() == impl
+    with pytest.raises(ValueError, match="set_attention_impl: expected one of"):
+        gptkernels.set_attention_impl("sm75")
+
+
+@needs_ext
+def test_attention_impl_names_match_the_extension(monkeypatch):
+    """set_attention_impl's names are the rows of the C++ implementation table (flash_api.cu)."""
+    for impl in A.ATTENTION_IMPLS:
+        monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", impl)
+        assert A.kernel_implementation("fwd", (9, 0))
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm75")
+    with pytest.raises(RuntimeError, match="(?m)expected one of " + ", ".join(A.ATTENTION_IMPLS) + "$"):
+        A.kernel_implementation("fwd", (9, 0))
+
+
+@needs_ext
+def test_sm90_row_of_the_implementation_table(monkeypatch):
+    """The Hopper forward is one opt-in row of select_impl's table: forward only, compute capability
+    9.0 only, in a build with sm_90a only; attention_impl (what `gptkernels info` prints) names it
+    where it could run and says how to select it."""
+    from gptkernels import _info
+    built = "90a" in _info.build_info()["archs"].split(";")
+    impl = A.kernel_implementation
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "auto")
+    auto90 = impl("fwd", (9, 0))
+    assert auto90.startswith("sm80 mma.sync kernel; ")
+    assert ("opt-in: sm90 wgmma/TMA kernel (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=sm90" in auto90) == built
+    assert ("sm90 wgmma/TMA kernel: not in this build" in auto90) == (not built)
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm90")
+    if built:
+        assert impl("fwd", (9, 0)) == ("sm90 wgmma/TMA kernel (opt-in, not verified on a GPU); "
+                                      "calls it refuses: sm80 mma.sync kernel")
+    else:
+        assert impl("fwd", (9, 0)).startswith("sm80 mma.sync kernel; sm90 wgmma/TMA kernel: not in this build")
+    for op, cc in (("bwd", (9, 0)), ("fwd", (8, 0)), ("fwd", (10, 0)), ("fwd", (8, 9))):
+        assert impl(op, cc) == "sm80 mma.sync kernel", (op, cc)  # no sm90 row for them
+    assert impl("decode", (9, 0)) == "sm80 split-KV decode kernel"
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm80")
+    assert impl("fwd", (9, 0)) == "sm80 mma.sync kernel"
+    if built:  # info, without a GPU, shows what an sm_90a GPU would run
+        monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm90")
+        out = io.StringIO()
+        d = gptkernels.info(file=out)
+        assert "sm90 wgmma/TMA kernel (opt-in" in out.getvalue()
+        if not torch.cuda.is_available():
+            assert "on an sm_90a GPU" in out.getvalue()
+        else:
+            cap = torch.cuda.get_device_capability()
+            assert d["ops"]["attention fwd"].startswith("sm90" if cap == (9, 0) else "sm80")
+
+
+def test_sm90_sass_has_hopper_instructions(tmp_path):
+    """The sm_90a build of the Hopper forward uses wgmma (HGMMA), TMA (UTMALDG / UTMASTG), mbarriers
+    (SYNCS) and setmaxnreg, nothing in local memory, and each warpgroup role fits the registers
+    setmaxnreg gives it (tools/sass_check.py; needs nvcc and cuobjdump, not a GPU)."""
+    import importlib.util
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gptk_sass_check", os.path.join(root, "tools", "sass_check.py"))
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    if sc.find_tool("nvcc") is None or sc.find_tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    src = os.path.join(root, "csrc", "attention", "sm90", "flash_fwd_sm90_hdim128_bf16.cu")
+    out = tmp_path / "sass.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "tools", "sass_check.py"), src, "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+    (row,) = json.loads(out.read_text())
+    assert row["ok"] and not row["missing"] and not row["local_memory"]
+    assert set(row["roles"]) == {"producer", "consumer"}
+    assert row["roles"]["producer"]["setmaxnreg"] == 24 and row["roles"]["consumer"]["setmaxnreg"] == 240
+
+
 # ---- op registration (CPU: the ops' CPU implementation is the reference) ----------------------
 
 @needs_ext
@@ -380,6 +464,22 @@ def check_fwd(B, Hq, Hkv, Sq, Sk, D, dtype, causal, layout="bhsd", kv_lens=None,
 SEQS = [(1, 1), (1, 1023), (17, 17), (17, 113), (113, 17), (113, 203), (1000, 1000), (1023, 1023), (1000, 2048),
         (2048, 2048)]
 GQA = [(8, 8), (8, 2), (8, 1)]
+IMPLS = ["sm80", "sm90"]
+
+
+def sm90_active() -> bool:
+    """Whether the current GPU runs the sm90 forward under GPTKERNELS_ATTENTION_IMPL (as now set)."""
+    return (A.kernel_implementation("fwd") or "").startswith("sm90")
+
+
+@pytest.fixture(params=IMPLS)
+def attn_impl(request, monkeypatch):
+    """Runs a forward test on each kernel family (GPTKERNELS_ATTENTION_IMPL, read by the extension at
+    every call). sm90 needs compute capability 9.0 and a build for sm_90a."""
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", request.param)
+    if request.param == "sm90" and torch.cuda.is_available() and EXT and not sm90_active():
+        pytest.skip("the sm90 kernel needs compute capability 9.0 and an extension built for sm_90a")
+    return request.param
 
 
 @pytest.mark.cuda
@@ -388,7 +488,7 @@ GQA = [(8, 8), (8, 2), (8, 1)]
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("sq,sk", SEQS)
 @pytest.mark.parametrize("hq,hkv", GQA)
-def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
+def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv, attn_impl):
     B = 2 if sq * sk <= 1024 * 1024 else 1
     check_fwd(B, hq, hkv, sq, sk, D, dtype, causal)
 
@@ -396,7 +496,7 @@ def test_fwd_kernel(dtype, causal, D, sq, sk, hq, hkv):
 @pytest.mark.cuda
 @pytest.mark.parametrize("D", [8, 40, 96, 120])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fwd_kernel_padded_head_dims(D, causal):
+def test_fwd_kernel_padded_head_dims(D, causal, attn_impl):
     check_fwd(2, 4, 2, 77, 130, D, torch.bfloat16, causal)
 
 
@@ -404,13 +504,13 @@ def test_fwd_kernel_padded_head_dims(D, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fwd_kernel_bshd(dtype, causal, D):
+def test_fwd_kernel_bshd(dtype, causal, D, attn_impl):
     check_fwd(2, 6, 2, 257, 300, D, dtype, causal, layout="bshd")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
-def test_fwd_kernel_fused_qkv_views(causal):
+def test_fwd_kernel_fused_qkv_views(causal, attn_impl):
     """q, k, v as strided views of one (B, S, (Hq + 2 Hkv) * D) projection, as the GPT block feeds them."""
     B, S, Hq, Hkv, D = 2, 301, 8, 2, 64
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16).view(B, S, Hq + 2 * Hkv, D)
@@ -421,7 +521,7 @@ def test_fwd_kernel_fused_qkv_views(causal):
 
 
 @pytest.mark.cuda
-def test_fwd_kernel_unaligned_inputs_are_copied():
+def test_fwd_kernel_unaligned_inputs_are_copied(attn_impl):
     """A q that starts off a 16-byte boundary (or has odd strides) is copied by the binding, not misread."""
     base = torch.randn(2 * 4 * 50 * 64 + 3, device="cuda", dtype=torch.float16)
     q = base[3:].view(2, 4, 50, 64)
@@ -436,11 +536,13 @@ def test_fwd_kernel_unaligned_inputs_are_copied():
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("sq", [1, 2, 4])
 @pytest.mark.parametrize("hq,hkv", [(12, 12), (8, 2), (4, 1)])
-def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv):
+def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv, attn_impl):
     """A static cache (B, S_max, Hkv, D) filled to kv_lens[b]; the rest holds NaN, which must never be
     read. Both the forward kernel and the split-KV decode kernel."""
     if decode and not hasattr(torch.ops.gptkernels, "flash_attn_decode"):
         pytest.skip("no decode op in this build")
+    if decode and attn_impl == "sm90":
+        pytest.skip("the decode kernel has one implementation")
     B, S_max = 5, 1024
     q = torch.randn(B, sq, hq, D, device="cuda", dtype=dtype)
     k = torch.randn(B, S_max, hkv, D, device="cuda", dtype=dtype)
@@ -487,7 +589,7 @@ def test_split_kv_cache_far_below_capacity(D, sq, hq, hkv):
 
 
 @pytest.mark.cuda
-def test_fwd_small_sanitize():
+def test_fwd_small_sanitize(attn_impl):
     """Small shapes for compute-sanitizer runs (tools/device_check.sh --sanitize picks 'sanitize')."""
     for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
         for causal in (False, True):
@@ -531,6 +633,70 @@ def test_torch_path_cuda_with_kv_lens_and_grad(causal, sq, sk):
     ref.mul(dout).sum().backward()
     for g, r in zip((q.grad, k.grad, v.grad), (qf.grad, kf.grad, vf.grad)):
         torch.testing.assert_close(g.float(), r, atol=3e-2 * r.abs().max().item(), rtol=5e-2)
+
+
+# ---- the sm90 (Hopper) forward: selection and what only it does ---------------------------------
+
+def kernels_launched(fn):
+    """Names of the CUDA kernels fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.cuda
+def test_sm90_selection_runs_the_sm90_kernel(attn_impl):
+    """GPTKERNELS_ATTENTION_IMPL picks the kernel that runs: the sm90 one really runs when asked for
+    (no silent fallback for a supported call), and unsupported calls fall back to sm80."""
+    q, k, v = rand_qkv(1, 4, 2, 300, 300, 128, torch.bfloat16, "cuda", "bshd")
+    names = kernels_launched(lambda: torch.ops.gptkernels.flash_attn_fwd(q, k, v, True, 0.1, "bshd", None, False))
+    ran_sm90 = any("flash_fwd_sm90_kernel" in n for n in names)
+    assert ran_sm90 == (attn_impl == "sm90"), names
+    assert A.kernel_implementation("fwd").startswith(attn_impl)
+
+
+@pytest.mark.cuda
+def test_sm90_bad_impl_env_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm75")
+    q, k, v = rand_qkv(1, 2, 2, 8, 8, 64, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="GPTKERNELS_ATTENTION_IMPL"):
+        torch.ops.gptkernels.flash_attn_fwd(q, k, v, False, 0.1, "bhsd", None, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_tile_edges(dtype, D, causal, attn_impl):
+    """Lengths a few keys / rows from every tile edge of the sm90 kernel (128 x 128 tiles) and of the
+    sm80 one, with Sq != Sk and GQA; both layouts."""
+    for sq, sk in [(127, 129), (129, 255), (256, 383), (385, 126), (2, 513)]:
+        for layout in ("bhsd", "bshd"):
+            check_fwd(2, 6, 3, sq, sk, D, dtype, causal, layout=layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_kv_lens_straddling_tiles(D, attn_impl):
+    """kv_lens that end inside a key tile, at its edges, at 0 and at Sk, with NaN past them: the sm90
+    producer zeroes V rows past kv_len in shared memory (TMA would load the NaN)."""
+    B, Sq, S_max, H = 7, 130, 640, 4
+    q = torch.randn(B, Sq, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, S_max, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, S_max, H, D, device="cuda", dtype=torch.bfloat16)
+    kv_lens = torch.tensor([640, 1, 0, 127, 128, 129, 383], device="cuda", dtype=torch.int32)
+    for b, n in enumerate(kv_lens.tolist()):
+        k[b, n:], v[b, n:] = float("nan"), float("nan")
+    for causal in (False, True):
+        check_fwd(B, H, H, Sq, S_max, D, torch.bfloat16, causal, layout="bshd", kv_lens=kv_lens, qkv=(q, k, v))
+
+
+@pytest.mark.cuda
+def test_sm90_backward_from_sm90_forward(attn_impl):
+    """The sm80 backward runs on out / lse from either forward."""
+    check_bwd(2, 4, 2, 200, 333, 64, torch.bfloat16, True, layout="bshd")
 
 
 @pytest.mark.cuda

@@ -11,18 +11,25 @@
 # Usage (from the repo root, on the device):
 #   GPTK_GIT_COMMIT=<sha> bash tools/device_check.sh [--budget S] [--tests EXPR] [--ops a,b] [--no-bench]
 #                                                  [--sanitize] [--full-bench] [--e2e] [--hf] [--generate] [--no-selftest]
+#                                                  [--attention-sm90]
 #   --budget S     total seconds for the whole script (default 540); --test-budget S caps the tests (240)
 #   --tests EXPR   pytest -k expression for the CUDA tests (default: all tests marked cuda)
 #   --ops a,b      benchmarks to run (default: all benchmarks/bench_*.py)
-#   --sanitize     also run compute-sanitizer memcheck on a few small kernel tests
+#   --sanitize     also run compute-sanitizer (memcheck, racecheck, synccheck) on a few small kernel tests
+#   --sanitize-tests EXPR  pytest -k expression for those (default "small or sanitize")
+#   --bench-modes M        only time these modes (benchmarks.run --modes, e.g. fwd)
 #   --e2e          also run the end-to-end training benchmark (benchmarks/e2e_train.py) if present
 #   --no-selftest  skip the self-test (and its early stop)
 #   --hf           also run the Hugging Face benchmark (benchmarks/e2e_hf.py --quick: GPT-2 124M and a
 #                  125M Llama, eager / sdpa / gptkernels.hf.patch, train step + generate)
 #   --generate     also run the generation benchmark (benchmarks/bench_generate.py --quick) if present
+#   --attention-sm90  preset for the Hopper attention forward (issue 11): the attention CUDA tests on
+#                  both forward kernels (sm80, sm90), the three sanitizers on the small sm90 shapes,
+#                  then the full attention forward grid (sm90, sm80, SDPA flash, SDPA cuDNN); no self-test.
 # Afterwards, copy $OUT/device-bench.json (and the unpacked tarball) into benchmarks/results/.
 set -uo pipefail
 BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0; SELFTEST=1; HF=0; GEN=0
+SAN_TESTS="small or sanitize"; BENCH_MODES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift 2;;
@@ -32,6 +39,10 @@ while [ $# -gt 0 ]; do
     --no-bench) BENCH=0; shift;;
     --full-bench) FULL=1; shift;;
     --sanitize) SANITIZE=1; shift;;
+    --sanitize-tests) SAN_TESTS=$2; shift 2;;
+    --bench-modes) BENCH_MODES=$2; shift 2;;
+    --attention-sm90) TESTS="test_attention and (fwd or sm90 or kv_cache)"; SANITIZE=1; SELFTEST=0
+                      SAN_TESTS="fwd_small_sanitize and sm90"; OPS=attention; FULL=1; BENCH_MODES=fwd; shift;;
     --e2e) E2E=1; shift;;
     --no-selftest) SELFTEST=0; shift;;
     --hf) HF=1; shift;;
@@ -63,6 +74,7 @@ grep -E "error|warning: .*spill" "$OUT/build.log" | head -20
 status "build rc=$BUILD_RC"
 if [ $BUILD_RC -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 $PY -m gptkernels info
+[ -f tools/sass_check.py ] && $PY tools/sass_check.py --json "$OUT/sass_check.json" 2>&1 | tail -8
 
 # The self-test first (python -m gptkernels._selftest is `gptkernels selftest`): rc 0 all passed,
 # 1 a family failed, 2 nothing to test, 124 timed out, anything else: it died (e.g. in a kernel).
@@ -115,16 +127,23 @@ if [ "$(left)" -gt 60 ]; then
   status "tests rc=$TEST_RC (124 = hit the test budget)"
 fi
 
-if [ $SANITIZE -eq 1 ] && [ "$(left)" -gt 90 ] && command -v compute-sanitizer >/dev/null; then
-  status "compute-sanitizer memcheck on small kernel tests"
-  timeout $(( $(left) - 60 )) compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m cuda -x \
-      -p no:cacheprovider -k "small or sanitize" tests/ 2>&1 | tail -20
-  status "sanitizer rc=${PIPESTATUS[0]}"
+if [ $SANITIZE -eq 1 ] && command -v compute-sanitizer >/dev/null; then
+  for TOOL in memcheck racecheck synccheck; do
+    [ "$(left)" -gt 90 ] || break
+    status "compute-sanitizer $TOOL on: $SAN_TESTS"
+    T=$(( $(left) - 60 )); [ $T -gt 150 ] && T=150
+    timeout $T compute-sanitizer --tool $TOOL --error-exitcode 9 $PY -m pytest -q -m cuda -x \
+        -p no:cacheprovider -k "$SAN_TESTS" tests/ > "$OUT/sanitizer-$TOOL.log" 2>&1
+    RC=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer-$TOOL.log" | tail -4
+    status "sanitizer $TOOL rc=$RC (9 = errors found, 124 = timeout)"
+  done
 fi
 
 if [ $BENCH -eq 1 ] && [ "$(left)" -gt 45 ]; then
   status "benchmarks (${OPS:-all}, ${FULL:+full}${FULL:-quick})"
   BARGS=(--out "$OUT/bench" --stem device-bench); [ -z "$FULL" ] && BARGS+=(--quick); [ -n "$OPS" ] && BARGS+=(--ops "$OPS")
+  [ -n "$BENCH_MODES" ] && BARGS+=(--modes "$BENCH_MODES")
   timeout $(( $(left) - 20 )) $PY -m benchmarks.run "${BARGS[@]}" > "$OUT/bench.log" 2>&1
   status "bench rc=$?"
 fi

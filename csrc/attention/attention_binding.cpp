@@ -63,11 +63,12 @@ const char* requested_impl() {
   return r;
 }
 
-// The implementation that runs `op` on the tensors' device (select_impl, from its compute capability).
-attn::Impl impl_for(attn::AttnOp op, const at::Tensor& t) {
+// The implementation that runs `op` on the tensors' device (select_impl, from its compute capability;
+// with a forward's params, implementations that refuse the call are passed over).
+attn::Impl impl_for(attn::AttnOp op, const at::Tensor& t, const attn::FlashFwdParams* call = nullptr) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   const int cc = prop->major * 10 + prop->minor;
-  const attn::Impl impl = attn::select_impl(op, cc, requested_impl());
+  const attn::Impl impl = attn::select_impl(op, cc, requested_impl(), call);
   TORCH_CHECK(impl != attn::Impl::kNone, "gptkernels attention: no kernel for this GPU (compute capability ",
               prop->major, ".", prop->minor, "); the kernels need sm_80 or newer");
   return impl;
@@ -153,7 +154,7 @@ struct ForwardCall {
     out = at::empty(q.sizes(), q.options());
     lse = at::empty({s.b, s.hq, s.sq}, q.options().dtype(at::kFloat));
     p = fwd_params(q, k, v, out, lse, s, bshd, causal, scale, kv_lens);
-    p.impl = impl_for(op, q);
+    p.impl = impl_for(op, q, &p);
   }
 };
 
@@ -243,14 +244,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
 
 // For `gptkernels info` and tests: the implementation `op` ("fwd", "bwd" or "decode") would use on a
 // device of compute capability `capability` (e.g. 90), "" when none; honours GPTKERNELS_ATTENTION_IMPL.
+// Also names the other implementations for that device: opt-in ones and ones not in this build
+// (attn::impl_summary), e.g. "sm80 mma.sync kernel; opt-in: sm90 wgmma/TMA kernel (...)".
 std::string attention_impl(const std::string& op, int64_t capability) {
   attn::AttnOp o;
   if (op == "fwd") o = attn::AttnOp::kFwd;
   else if (op == "bwd") o = attn::AttnOp::kBwd;
   else if (op == "decode") o = attn::AttnOp::kDecode;
   else TORCH_CHECK(false, "op: expected 'fwd', 'bwd' or 'decode', got '", op, "'");
-  const attn::Impl impl = attn::select_impl(o, static_cast<int>(capability), requested_impl());
-  return attn::impl_description(impl, o);
+  return attn::impl_summary(o, static_cast<int>(capability), requested_impl());
 }
 
 }  // namespace

@@ -3,13 +3,15 @@
 // Everything else reads this header: the dispatch (HEADDIM_SWITCH and ATTN_DTYPE_SWITCH in
 // static_switch.h), the launchers (flash_api.cu) and the binding (problem_error),
 // tools/gen_instantiations.py (parses the two lists below and writes the instantiation files
-// flash_{fwd,bwd}_hdim{D}_{dtype}.cu, which the emulated tests' build globs),
+// flash_{fwd,bwd}_hdim{D}_{dtype}.cu and sm90/flash_fwd_sm90_hdim{D}_{dtype}.cu, which the emulated
+// tests' build globs),
 // tools/check_mma_layouts.py, and Python through torch.ops.gptkernels.limits()["attention"].
 //
 // Adding a head dim: add it to GPTK_ATTN_HEAD_DIMS, run `python tools/gen_instantiations.py`.
 // Forward, backward and decode all follow. The sm80 kernels also need a tile configuration for it
 // (FwdConfig / BwdConfig in flash_fwd_kernel.cuh / flash_bwd_kernel.cuh; their swizzled tiles take
-// rows of 64 or 128 elements): a missing one is a compile error naming the head dim.
+// rows of 64 or 128 elements), and so does the sm90 forward (sm90/flash_fwd_sm90_kernel.cuh, multiples
+// of 64 columns; sm_90a builds only): a missing one is a compile error naming the head dim.
 #pragma once
 
 #include <cmath>

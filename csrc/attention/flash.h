@@ -19,11 +19,11 @@
 // Implementations. select_impl() is the one place that chooses one for an op from the device's
 // compute capability (the binding reads it from the tensors' device and stores it in the params);
 // the entry points (flash_api.cu) switch on params.impl, then on dtype and head dim
-// (static_switch.h). Today every GPU >= sm_80 runs the mma.sync kernels (flash_fwd_kernel.cuh,
-// flash_bwd_kernel.cuh, flash_decode.cu). A Hopper implementation adds an Impl value, a row in
-// the table in flash_api.cu (opt-in rows run only when GPTKERNELS_ATTENTION_IMPL names them), a
-// case in the entry points it serves, and its sources under csrc/attention/sm90/ (compiled for
-// sm_90a only: see setup.py).
+// (static_switch.h). Every GPU >= sm_80 runs the mma.sync kernels (flash_fwd_kernel.cuh,
+// flash_bwd_kernel.cuh, flash_decode.cu). The forward also has a Hopper implementation, Impl::kSm90
+// (sm90/: wgmma + TMA + warp specialisation, sharing mask.cuh / softmax.cuh; compiled for sm_90a
+// only, see setup.py): an opt-in row of the table in flash_api.cu (GPTKERNELS_ATTENTION_IMPL=sm90)
+// until it has run on a GPU. Calls its row refuses (sm90/flash_fwd_sm90.h) select the sm80 kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,16 +42,23 @@ namespace attn {
 enum class AttnOp : int { kFwd = 0, kBwd = 1, kDecode = 2 };
 
 // Kernel implementations. kNone: no kernel serves this op on this device.
-enum class Impl : int { kNone = 0, kSm80 = 1 };
+enum class Impl : int { kNone = 0, kSm80 = 1, kSm90 = 2 };
+
+struct FlashFwdParams;
 
 // The implementation that runs `op` on a device of compute capability `cc` (major * 10 + minor).
 // `requested` (GPTKERNELS_ATTENTION_IMPL; nullptr, "" or "auto" = automatic) names an
 // implementation to prefer where it serves the op and the device (the automatic choice elsewhere).
-Impl select_impl(AttnOp op, int cc, const char* requested);
+// `call` (a forward's params, optional): skip implementations that refuse this call.
+Impl select_impl(AttnOp op, int cc, const char* requested, const FlashFwdParams* call = nullptr);
 // nullptr when `requested` is empty, "auto" or an implementation's name; else the list of names.
 const char* unknown_impl_error(const char* requested);
 const char* impl_name(Impl impl);                      // "sm80"
 std::string impl_description(Impl impl, AttnOp op);   // "sm80 mma.sync kernel"
+// What `gptkernels info` prints for `op` on a device of compute capability `cc`: the description of
+// select_impl's choice plus, where other rows serve that device, how they are selected (opt-in) or
+// that they are not in this build. "" when no implementation serves it.
+std::string impl_summary(AttnOp op, int cc, const char* requested);
 
 struct TensorRef {
   void* ptr = nullptr;

@@ -5,15 +5,20 @@
 //   them). The binding calls it with the tensors' device and puts the result in params.impl.
 // - flash_fwd / flash_bwd / flash_decode: check the problem (attention_limits.h: problem_error),
 //   then switch on params.impl, dtype and head dim (ATTN_DTYPE_SWITCH, HEADDIM_SWITCH) to a launcher.
-// A Hopper implementation (wgmma + TMA + warp specialisation) adds Impl::kSm90, a row in kImpls and
-// `case Impl::kSm90:` in the entry points it serves, with its launchers in csrc/attention/sm90/
-// (compiled for sm_90a only; setup.py defines GPTK_HAVE_SM90 when they are built).
+// The Hopper forward (Impl::kSm90: wgmma + TMA + warp specialisation) has its row in kImpls and
+// `case Impl::kSm90:` in flash_fwd; its launchers are in csrc/attention/sm90/, compiled for sm_90a
+// only and only when 90a is built (setup.py then defines GPTK_HAVE_SM90=1 for every file). Without
+// them the row stays in the table, so that GPTKERNELS_ATTENTION_IMPL=sm90 is a known name, but
+// serves nothing.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "attention/flash.h"
 #include "static_switch.h"
+#if GPTK_HAVE_SM90
+#include "attention/sm90/flash_fwd_sm90.h"
+#endif
 
 namespace gptk {
 namespace attn {
@@ -24,12 +29,29 @@ struct ImplRow {
   const char* name;                // what GPTKERNELS_ATTENTION_IMPL calls it
   const char* what[3];             // per AttnOp (fwd, bwd, decode); nullptr: does not serve that op
   int min_cc, max_cc;              // devices it runs on (major * 10 + minor)
-  bool opt_in;                     // chosen only when requested by name
+  bool opt_in;                     // chosen only when requested by name: not yet verified on a GPU
+  bool built;                      // its sources are in this build (sm90/: only when 90a is built)
+  // Forward calls it refuses (within problem_error's limits): a reason, or nullptr when it takes the
+  // call. nullptr: takes every call. select_impl then moves on to the next row that serves the op.
+  const char* (*refuses)(const FlashFwdParams&);
 };
 
-// In order of preference.
+#if GPTK_HAVE_SM90
+constexpr bool kHaveSm90 = true;
+constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = flash_fwd_sm90_unsupported;
+#else
+constexpr bool kHaveSm90 = false;
+constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = nullptr;
+#endif
+
+// In order of preference (among the rows that are not opt-in). The sm90 forward is opt-in until it
+// has run on a GPU: in the change that records a green device run (CUDA tests of both implementations
+// and the benchmark in benchmarks/results/), set its opt_in = false and move it above sm80; "auto"
+// then picks it on compute capability 9.0 (sm_90a code runs there only).
 constexpr ImplRow kImpls[] = {
-    {Impl::kSm80, "sm80", {"mma.sync kernel", "mma.sync kernel", "split-KV decode kernel"}, 80, 1000, false},
+    {Impl::kSm80, "sm80", {"mma.sync kernel", "mma.sync kernel", "split-KV decode kernel"}, 80, 1000, false, true,
+     nullptr},
+    {Impl::kSm90, "sm90", {"wgmma/TMA kernel", nullptr, nullptr}, 90, 90, true, kHaveSm90, kSm90Refuses},
 };
 
 const ImplRow* find_row(Impl impl) {
@@ -38,8 +60,13 @@ const ImplRow* find_row(Impl impl) {
   return nullptr;
 }
 
-bool serves(const ImplRow& r, AttnOp op, int cc) {
+// Whether the row's kernel exists for `op` on a device of compute capability `cc` (built or not).
+bool covers(const ImplRow& r, AttnOp op, int cc) {
   return r.what[static_cast<int>(op)] != nullptr && cc >= r.min_cc && cc <= r.max_cc;
+}
+
+bool serves(const ImplRow& r, AttnOp op, int cc, const FlashFwdParams* call) {
+  return r.built && covers(r, op, cc) && (call == nullptr || r.refuses == nullptr || r.refuses(*call) == nullptr);
 }
 
 bool is_auto(const char* requested) {
@@ -48,12 +75,12 @@ bool is_auto(const char* requested) {
 
 }  // namespace
 
-Impl select_impl(AttnOp op, int cc, const char* requested) {
+Impl select_impl(AttnOp op, int cc, const char* requested, const FlashFwdParams* call) {
   if (!is_auto(requested))
     for (const ImplRow& r : kImpls)
-      if (std::strcmp(r.name, requested) == 0 && serves(r, op, cc)) return r.impl;
+      if (std::strcmp(r.name, requested) == 0 && serves(r, op, cc, call)) return r.impl;
   for (const ImplRow& r : kImpls)
-    if (!r.opt_in && serves(r, op, cc)) return r.impl;
+    if (!r.opt_in && serves(r, op, cc, call)) return r.impl;
   return Impl::kNone;
 }
 
@@ -80,6 +107,26 @@ std::string impl_description(Impl impl, AttnOp op) {
   return std::string(r->name) + " " + r->what[static_cast<int>(op)];
 }
 
+std::string impl_summary(AttnOp op, int cc, const char* requested) {
+  const Impl chosen = select_impl(op, cc, requested);
+  std::string s = impl_description(chosen, op);
+  if (s.empty()) return s;
+  const ImplRow& c = *find_row(chosen);
+  if (c.opt_in) s += " (opt-in, not verified on a GPU)";
+  if (c.refuses != nullptr) s += "; calls it refuses: " + impl_description(select_impl(op, cc, "auto"), op);
+  // The other rows that exist for this op and device, under "auto" or when requested by name.
+  for (const ImplRow& r : kImpls) {
+    if (r.impl == chosen || !covers(r, op, cc) || !(is_auto(requested) || std::strcmp(r.name, requested) == 0))
+      continue;
+    const std::string other = impl_description(r.impl, op);
+    if (!r.built)
+      s += "; " + other + ": not in this build (no sm_90a)";
+    else if (r.opt_in)
+      s += "; opt-in: " + other + " (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=" + r.name;
+  }
+  return s;
+}
+
 cudaError_t flash_fwd(FlashFwdParams p, cudaStream_t stream) {
   if (!problem_error(p).empty()) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.sq == 0) return cudaSuccess;
@@ -88,6 +135,10 @@ cudaError_t flash_fwd(FlashFwdParams p, cudaStream_t stream) {
       return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
         return HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_flash_fwd_sm80<T, kHeadDim>(p, stream); });
       });
+#if GPTK_HAVE_SM90
+    case Impl::kSm90:  // select_impl chose it for this call (its row's refuses() let it through)
+      return run_flash_fwd_sm90(p, stream);
+#endif
     default:
       return cudaErrorInvalidValue;
   }

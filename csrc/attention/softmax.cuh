@@ -95,6 +95,54 @@ struct OnlineSoftmax {
     }
   }
 
+  // update() in two halves without the packing, for a kernel whose o is still being accumulated by
+  // an asynchronous MMA while the next block's scores are exponentiated (the sm90 forward):
+  // exp_scores overwrites s with the unnormalised probabilities, updates the running max and sums
+  // and returns each row's correction factor; rescale applies it to o later.
+  template <int NT>
+  __device__ __forceinline__ void exp_scores(float (&s)[MT][NT][4], float scale_log2, float (&corr)[MT * 2],
+                                             float* row_sum) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = mt * 2 + h;
+        float mx = row_max[r];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        mx = quad_max(mx);
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+        corr[r] = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when the old max was -inf
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float p = fast_exp2(fmaf(s[mt][nt][2 * h + j], scale_log2, -m_scaled));
+            s[mt][nt][2 * h + j] = p;
+            sum += p;
+          }
+        }
+        row_sum[r * kStride] = row_sum[r * kStride] * corr[r] + sum;
+      }
+    }
+  }
+
+  template <int DT>
+  __device__ __forceinline__ void rescale(float (&o)[MT][DT][4], const float (&corr)[MT * 2]) const {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[mt][dt][0] *= corr[mt * 2];
+        o[mt][dt][1] *= corr[mt * 2];
+        o[mt][dt][2] *= corr[mt * 2 + 1];
+        o[mt][dt][3] *= corr[mt * 2 + 1];
+      }
+    }
+  }
+
   // Normalise o by the row sums; lse[r] = natural-log log-sum-exp of the scaled scores of row r
   // (-inf for a row that saw no key, whose output is then 0).
   template <int DT>

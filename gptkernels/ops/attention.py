@@ -21,7 +21,10 @@ Paths (gptkernels._backend):
   leave SMs idle (decoding, chunked prefill, speculative decoding over a long cache), sizes the splits
   from kv_lens inside the kernel, and is the plain forward otherwise.
   Head dims, dtypes and length limits: LIMITS, from csrc/attention/attention_limits.h. The
-  implementation is chosen per GPU in C++ (select_impl; `gptkernels info` prints it).
+  implementation is chosen per GPU in C++ (select_impl; `gptkernels info` prints it). On compute
+  capability 9.0 the forward can also run the Hopper kernel (csrc/attention/sm90/: TMA, wgmma, warp
+  specialisation; same semantics): opt in with set_attention_impl("sm90") or
+  GPTKERNELS_ATTENTION_IMPL=sm90 until it has been verified on a GPU.
 - torch (a GPU call the kernels do not take: other head dims, float32, gradients through kv_lens,
   no extension): attention_torch, torch's SDPA (flash / cuDNN / memory-efficient backends) with the
   bottom-right causal mask and kv_lens expressed exactly, plus the lse computed chunk by chunk.
@@ -30,6 +33,7 @@ Paths (gptkernels._backend):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -314,6 +318,35 @@ LIMITS = _limits.family("attention")
 _HAVE_FWD = _backend.has_kernel("flash_attn_fwd")
 _HAVE_BWD = _backend.has_kernel("flash_attn_bwd")
 _HAVE_DECODE = _backend.has_kernel("flash_attn_decode")
+# GPTKERNELS_ATTENTION_IMPL values: the names of the rows of the C++ implementation table (flash_api.cu)
+ATTENTION_IMPLS = ("auto", "sm80", "sm90")
+_IMPL_ENV = "GPTKERNELS_ATTENTION_IMPL"
+
+
+def set_attention_impl(impl: str) -> None:
+    """Which attention kernels run on a GPU: "auto" (the default: the verified kernels, today sm80),
+    "sm80" (the mma.sync kernels) or "sm90" (the Hopper forward: TMA, wgmma, warp specialisation; on
+    compute capability 9.0 in a build for sm_90a, for the calls it takes, else sm80; opt-in because
+    it has not run on a GPU). Sets GPTKERNELS_ATTENTION_IMPL, which the extension reads at every call
+    (select_impl in csrc/attention/flash_api.cu). The backward and decode kernels are sm80's either way."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"set_attention_impl: expected one of {ATTENTION_IMPLS}, got {impl!r}")
+    os.environ[_IMPL_ENV] = impl
+
+
+def get_attention_impl() -> str:
+    return os.environ.get(_IMPL_ENV) or "auto"
+
+
+def kernel_implementation(op: str = "fwd", capability: tuple[int, int] | None = None) -> str | None:
+    """The attention kernel the extension runs for `op` ("fwd", "bwd", "decode") on a GPU of this
+    compute capability (default: the current GPU) under GPTKERNELS_ATTENTION_IMPL, as `gptkernels info`
+    prints it (e.g. "sm80 mma.sync kernel; ..."); "" when none; None without the extension or a GPU."""
+    if not (_backend.EXT_LOADED and hasattr(torch.ops.gptkernels, "attention_impl")) or (
+            capability is None and not torch.cuda.is_available()):
+        return None
+    major, minor = capability or torch.cuda.get_device_capability()
+    return torch.ops.gptkernels.attention_impl(op, major * 10 + minor)
 
 
 def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool) -> str | None:
