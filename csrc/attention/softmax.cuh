@@ -58,6 +58,23 @@ struct OnlineSoftmax {
     }
   }
 
+  // Row r = 2 mt + h takes this block's scores into its running max; returns the new max times
+  // scale_log2 (0 while the row has seen only -inf) and sets corr, the factor that rescales what was
+  // accumulated under the old max (0 when the old max was -inf).
+  template <int NT>
+  __device__ __forceinline__ float new_max(const float (&s)[MT][NT][4], int mt, int h, float scale_log2,
+                                           float& corr) {
+    const int r = mt * 2 + h;
+    float mx = row_max[r];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+    mx = quad_max(mx);
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+    corr = fast_exp2(row_max[r] * scale_log2 - m_scaled);
+    row_max[r] = mx;
+    return m_scaled;
+  }
+
   // s: this block's scores (masked entries -inf). P = the unnormalised probabilities, rounded to T
   // and packed as the A operand of P V wants them: pk[mt][nt][h] = (P[row h][2t], P[row h][2t+1]) of
   // n-tile nt (so an m16k16 A fragment of k-step ks is pk[mt][2ks][0..1], pk[mt][2ks+1][0..1]). Each
@@ -71,13 +88,8 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = mt * 2 + h;
-        float mx = row_max[r];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-        mx = quad_max(mx);
-        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float corr = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when the old max was -inf
-        row_max[r] = mx;
+        float corr;
+        const float m_scaled = new_max(s, mt, h, scale_log2, corr);
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -107,13 +119,7 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = mt * 2 + h;
-        float mx = row_max[r];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-        mx = quad_max(mx);
-        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr[r] = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when the old max was -inf
-        row_max[r] = mx;
+        const float m_scaled = new_max(s, mt, h, scale_log2, corr[r]);
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
