@@ -8,7 +8,8 @@ Every op has two paths. `use_kernel(op, tensors, unsupported)` answers per call:
   An unsupported call on a GPU, or a GPU without the extension, warns once per op and reason.
 - mode "kernel": the kernel, or a clear error saying why it cannot run.
 
-The mode comes from the environment variable GPTKERNELS_BACKEND, `set_backend(mode)`, or the
+The mode comes from the environment variable GPTKERNELS_BACKEND (read and checked at first use,
+not at import, so a bad value is an error of the call that reads it), `set_backend(mode)`, or the
 context manager `backend(mode)`.
 """
 from __future__ import annotations
@@ -31,17 +32,20 @@ except ImportError as e:  # not built, or built against another torch
 EXT_LOADED = _C is not None
 
 
-def _check_mode(mode: str) -> str:
+def _check_mode(mode: str, name: str = "gptkernels backend") -> str:
     if mode not in MODES:
-        raise ValueError(f"gptkernels backend: expected one of {MODES}, got {mode!r}")
+        raise ValueError(f"{name}: expected one of {MODES}, got {mode!r}")
     return mode
 
 
-_mode = _check_mode(os.environ.get("GPTKERNELS_BACKEND", "auto"))
+_mode: str | None = None  # None: not read from GPTKERNELS_BACKEND yet
 _warned: set[tuple[str, str]] = set()
 
 
 def get_backend() -> str:
+    global _mode
+    if _mode is None:
+        _mode = _check_mode(os.environ.get("GPTKERNELS_BACKEND", "auto"), "GPTKERNELS_BACKEND")
     return _mode
 
 
@@ -84,7 +88,7 @@ def use_kernel(op: str, tensors, unsupported: str | None = None) -> bool:
     `unsupported` is None when the kernel handles this call, else a short reason it does not
     (e.g. "head_dim 96 is not compiled"). Raises in "kernel" mode when the kernel cannot run.
     """
-    mode = _mode
+    mode = get_backend()
     if mode == "reference":
         return False
     tensors = [t for t in tensors if t is not None]

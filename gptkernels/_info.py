@@ -33,6 +33,10 @@ def info(file=None) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     b = build_info()
     ops = {name: all(_backend.has_kernel(o) for o in kops) for name, kops in KERNEL_OPS.items()}
+    try:
+        mode, mode_error = _backend.get_backend(), None
+    except ValueError as e:  # a bad GPTKERNELS_BACKEND: reported here, info still runs
+        mode, mode_error = None, str(e)
     d = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -43,7 +47,7 @@ def info(file=None) -> dict:
         "extension_archs": b.get("archs"),
         "extension_cuda": b.get("cuda"),
         "extension_error": _backend.EXT_ERROR,
-        "backend": _backend.get_backend(),
+        "backend": mode,
         "ops": ops,
     }
     lines = [
@@ -55,8 +59,8 @@ def info(file=None) -> dict:
                      f"with CUDA {d['extension_cuda']}")
     else:
         lines.append(f"extension gptkernels._C: NOT built ({d['extension_error']}); every op uses its PyTorch reference")
-    lines.append(f"backend mode: {d['backend']}")
-    active = _backend.kernels_available() and d["backend"] != "reference"
+    lines.append(f"backend mode: {d['backend']}" if mode_error is None else f"backend mode: INVALID ({mode_error})")
+    active = _backend.kernels_available() and d["backend"] in ("auto", "kernel")
     for name, has in ops.items():
         where = "kernel" if (has and active) else "reference"
         why = "" if where == "kernel" else (" (no CUDA device)" if has and not torch.cuda.is_available() else

@@ -7,6 +7,7 @@ import sys
 
 from gptkernels.gpt.data.preparation import prepare
 from gptkernels.gpt.data.shards import VERSION, DataError
+from gptkernels.gpt.errors import FileAccessError
 
 
 DEFAULT_CORPORA = {
@@ -39,8 +40,14 @@ def stdlib_files(which: str = "all") -> list[str]:
 
 
 def cache_dir() -> str:
-    return os.environ.get("GPTKERNELS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkernels")
+    """GPTKERNELS_CACHE, else $XDG_CACHE_HOME/gptkernels, else ~/.cache/gptkernels (checked here:
+    a GPTKERNELS_CACHE that names a file is an error naming the variable)."""
+    env = os.environ.get("GPTKERNELS_CACHE", "").strip()
+    if env:
+        if os.path.exists(env) and not os.path.isdir(env):
+            raise DataError(f"GPTKERNELS_CACHE: expected a folder, found a file ({env})")
+        return env
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkernels")
 
 
 def default_dataset(name: str = "stdlib-small", root: str | None = None, progress: bool = True, log=None) -> str:
@@ -58,6 +65,9 @@ def default_dataset(name: str = "stdlib-small", root: str | None = None, progres
         f"-> {out}")
     try:
         prepare(files, out, vocab_size=vocab, val_fraction=0.05, progress=progress, log=log)
+    except FileAccessError as e:
+        raise FileAccessError(f"the bundled corpus cannot be prepared in the cache: {e}; set GPTKERNELS_CACHE to a "
+                              f"writable folder") from None
     except DataError:
         if os.path.isfile(os.path.join(out, "meta.json")):  # another process finished it first
             return out
