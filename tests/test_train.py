@@ -175,7 +175,7 @@ def test_config_errors(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_cfg(tiny_data, str(tmp_path / "fresh"), resume=True), **QUIET)
     with pytest.raises(data.DataError, match="too few"):
-        train(tiny_cfg(tiny_data, str(tmp_path), block_size=10_000_000), **QUIET)
+        train(tiny_cfg(tiny_data, str(tmp_path), block_size=10_000_000, force=True), **QUIET)
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_preset("huge")
 

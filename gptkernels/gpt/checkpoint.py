@@ -22,7 +22,7 @@ import torch
 
 from gptkernels.gpt.atomic import AtomicFile
 from gptkernels.gpt.config import GPTConfig
-from gptkernels.gpt.errors import FileAccessError, file_op, first_line
+from gptkernels.gpt.errors import file_op, first_line
 from gptkernels.gpt.model import GPT
 from gptkernels.gpt.tokenizer import Tokenizer, TokenizerError
 
@@ -124,18 +124,15 @@ def load_checkpoint(path: str, verify: bool = True, log=None) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found ({path})")
     with file_op("read the checkpoint", path):
-        size = os.path.getsize(path)
-    if size == 0:
+        with open(path, "rb") as f:  # (permissions: then whatever torch.load says is about the contents)
+            empty = not f.read(1)
+    if empty:
         raise CheckpointError(f"not a readable checkpoint: the file is empty ({path})")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileAccessError:
-        raise
-    except OSError as e:
-        raise FileAccessError(f"cannot read the checkpoint: {first_line(e)} ({path})") from None
     except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, ...)
-        raise CheckpointError(f"not a readable checkpoint, truncated or corrupt ({type(e).__name__}: "
-                              f"{first_line(e)[:200]}) ({path})") from None
+        why = first_line(e).split(". ")[0][:120]  # (torch's messages run on: the first sentence)
+        raise CheckpointError(f"not a readable checkpoint, truncated or corrupt ({why}) ({path})") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"not a gptkernels checkpoint ({path})")
     for key, kind in _REQUIRED.items():
@@ -160,10 +157,18 @@ def clean_gpt_state_dict(state_dict: dict, tie_embeddings: bool = True) -> dict:
     return out
 
 
+def checkpoint_config(ck: dict, path: str = "checkpoint") -> GPTConfig:
+    """The GPTConfig of a checkpoint; CheckpointError naming the file when it is not a valid one."""
+    try:
+        return GPTConfig.from_dict(ck["model_config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's model config is not valid: {first_line(e)[:300]} ({path})") from None
+
+
 def gpt_from_checkpoint(ck: dict, path: str = "checkpoint") -> GPT:
     """The GPT a training checkpoint holds (float32, on the CPU, in train mode)."""
+    config = checkpoint_config(ck, path)
     try:
-        config = GPTConfig.from_dict(ck["model_config"])
         model = GPT(config)
         model.load_state_dict(clean_gpt_state_dict(ck["model"], config.tie_embeddings))
     except (ValueError, TypeError, RuntimeError, KeyError) as e:

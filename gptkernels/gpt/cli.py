@@ -62,10 +62,10 @@ def _add_prepare(sub):
                        description="Text files or folders (UTF-8 .txt/.md/.py/..., or .jsonl with a text field) -> "
                                    "a byte-level BPE tokenizer (trained here, or an existing tokenizer.json) -> token "
                                    "shards with a train/val split in --out.")
-    p.add_argument("inputs", nargs="+", type=_text, help="files and/or folders (folders are searched recursively)")
-    p.add_argument("--out", required=True, type=_text, help="output folder for meta.json, tokenizer.json and the shards")
+    p.add_argument("inputs", nargs="+", help="files and/or folders (folders are searched recursively)")
+    p.add_argument("--out", required=True, help="output folder for meta.json, tokenizer.json and the shards")
     p.add_argument("--vocab-size", type=_num("int>=1"), default=None, help="BPE vocabulary to train (default: 8192)")
-    p.add_argument("--tokenizer", type=_text, help="use this tokenizer (tokenizer.json, or a folder with "
+    p.add_argument("--tokenizer", help="use this tokenizer (tokenizer.json, or a folder with "
                                                    "tokenizer.json or vocab.json + merges.txt) instead of training one")
     p.add_argument("--val-fraction", type=_num("[0,1)"), default=0.01,
                    help="share of the tokens held out for validation; a small corpus gets at least "
@@ -149,8 +149,8 @@ def _add_train(sub):
             p.add_argument(flag, choices=[c for c in CHOICES[f.name] if c is not None], **kw)
         elif isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=_text, **kw)
+        else:  # text: the sample prompt and the device must be valid UTF-8; paths may be any bytes
+            p.add_argument(flag, type=_text if f.name in ("sample_prompt", "device") else str, **kw)
     p.set_defaults(fn=_cmd_train)
 
 
@@ -211,7 +211,7 @@ def _cmd_generate(args) -> int:
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face GPT-2 folder",
                        formatter_class=_Help)
-    p.add_argument("source", type=_text, help="ckpt.pt, a run folder holding one, or a Hugging Face GPT-2 folder")
+    p.add_argument("source", help="ckpt.pt, a run folder holding one, or a Hugging Face GPT-2 folder")
     p.add_argument("--prompt", type=_text, default="", help="text to continue (default: empty, a new document)")
     p.add_argument("--max-new-tokens", type=_num("int>=1"), default=200,
                    help="tokens to generate; the prompt plus these must fit the model's context")
@@ -236,12 +236,12 @@ def _add_finetune(sub):
     p = sub.add_parser("finetune", help="train a classification head on labelled text; reports accuracy",
                        description=ft.__doc__.split("\n\n")[0] + " " + ft.DEFAULT_SET_DESCRIPTION,
                        formatter_class=_Help)
-    p.add_argument("--data", type=_text, help="training examples: .jsonl ({text, label} per line) or .csv "
+    p.add_argument("--data", help="training examples: .jsonl ({text, label} per line) or .csv "
                                               "(text,label header); default: the bundled standard-library set")
-    p.add_argument("--eval-data", type=_text, help="evaluation examples (default: 20%% of --data held out)")
+    p.add_argument("--eval-data", help="evaluation examples (default: 20%% of --data held out)")
     p.add_argument("--text-field", type=_text, default="text", help="field or column holding the text")
     p.add_argument("--label-field", type=_text, default="label", help="field or column holding the label")
-    p.add_argument("--init", type=_text, help="body to start from: a pretraining checkpoint (ckpt.pt or its run "
+    p.add_argument("--init", help="body to start from: a pretraining checkpoint (ckpt.pt or its run "
                                               "folder) or a Hugging Face GPT-2 folder (default: a fresh small GPT)")
     p.add_argument("--epochs", type=_num("int>=1"), default=3, help="passes over the training examples")
     p.add_argument("--batch-size", type=_num("int>=1"), default=16, help="examples per step")
@@ -252,7 +252,7 @@ def _add_finetune(sub):
                    help="check the checksums of the --init checkpoint")
     p.add_argument("--device", type=_text, default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=_num("int>=0"), default=0, help="random seed (weights, order, held-out split)")
-    p.add_argument("--out", type=_text, help="save the fine-tuned classifier here (.pt; default: not saved)")
+    p.add_argument("--out", help="save the fine-tuned classifier here (.pt; default: not saved)")
     p.set_defaults(fn=_cmd_finetune)
 
 

@@ -27,7 +27,7 @@ def add_bench(sub) -> None:
                                    "go after `--` (e.g. `gptkernels bench --quick -- --rep 10`).")
     p.add_argument("--quick", action="store_true", help="the short grid (fewer timed steps with --e2e)")
     p.add_argument("--ops", type=text, default=None, help="comma list of ops to run (default: all)")
-    p.add_argument("--out", type=text, default=None, help="folder for the JSON, CSV and PNG results "
+    p.add_argument("--out", default=None, help="folder for the JSON, CSV and PNG results "
                                                           "(default: <cache>/bench, e.g. ~/.cache/gptkernels/bench)")
     p.add_argument("--e2e", action="store_true", help="the end-to-end training benchmark instead of the per-op ones")
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)

@@ -59,13 +59,14 @@ def first_line(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def file_op(what: str, path):
-    """Turn an OSError raised inside the block into a FileAccessError "cannot <what>: <reason> (<path>)"."""
+    """Turn an OSError raised inside the block into a FileAccessError "cannot <what>: <reason> (<path>)"
+    (path: the place the user named; None: the file the OSError names)."""
     try:
         yield
     except FileAccessError:
         raise
     except OSError as e:
-        where = e.filename if e.filename is not None else path
+        where = path if path is not None else e.filename
         raise FileAccessError(f"cannot {what}: {os_reason(e)} ({os.fspath(where)})") from e
 
 

@@ -34,6 +34,11 @@ def count_params(mcfg: GPTConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_text(n: int) -> str:
+    """124475904 -> "124.5M", 45312 -> "45.3K"."""
+    return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.1f}K"
+
+
 def cpu_step_bytes(mcfg: GPTConfig, n_params: int, batch_size: int, block_size: int) -> int:
     """Estimated peak host memory of a CPU training step (see the module docstring)."""
     B, T, C, H = batch_size, block_size, mcfg.n_embd, mcfg.n_head
@@ -80,7 +85,7 @@ def check_budget(cfg, mcfg: GPTConfig, device: torch.device, local_world: int, m
     n_params = count_params(mcfg)
     need = checkpoint_bytes(n_params)
     # (an existing ckpt.pt is replaced only once the new one is complete: the new one needs room of its own)
-    free_space(cfg.out_dir, need, f"the checkpoint of a {n_params / 1e6:.1f}M-parameter model")
+    free_space(cfg.out_dir, need, f"the checkpoint of a {count_text(n_params)}-parameter model")
     if device.type != "cpu":
         return n_params
     est = cpu_step_bytes(mcfg, n_params, cfg.batch_size, cfg.block_size) * max(1, local_world)
@@ -88,7 +93,7 @@ def check_budget(cfg, mcfg: GPTConfig, device: torch.device, local_world: int, m
     if avail is None or est <= avail:
         return n_params
     procs = f" for {local_world} processes" if local_world > 1 else ""
-    text = (f"this run needs about {size_text(est)} of memory{procs} ({n_params / 1e6:.1f}M parameters, batch "
+    text = (f"this run needs about {size_text(est)} of memory{procs} ({count_text(n_params)} parameters, batch "
             f"{cfg.batch_size} x {cfg.block_size} tokens), {size_text(avail)} is available")
     if cfg.force:
         msg(f"warning: {text}; going on (--force)")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptkernels._backend import backend
+from gptkernels._backend import backend, get_backend
 from gptkernels.gpt import data as gdata
 from gptkernels.gpt.checkpoint import CKPT_FORMAT, CKPT_VERSION, full_state_dicts, save_atomic
 from gptkernels.gpt.device import peak_flops
@@ -70,6 +70,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     msg = say if d.master else (lambda s: None)
     stop_signal = {"sig": None}
     old_handlers = {}
+    get_backend()  # first use of GPTKERNELS_BACKEND (checked there); the run itself uses cfg.backend
     old_target_check = ops_loss.get_target_check()
 
     def on_signal(signum, frame):

@@ -16,7 +16,8 @@ import torch
 
 from gptkernels.gpt import data as gdata
 from gptkernels.gpt import fs
-from gptkernels.gpt.checkpoint import CKPT_NAME, gpt_from_checkpoint, load_checkpoint, load_full_state_dicts
+from gptkernels.gpt.checkpoint import (CKPT_NAME, checkpoint_config, gpt_from_checkpoint, load_checkpoint,
+                                       load_full_state_dicts)
 from gptkernels.gpt.config import GPTConfig
 from gptkernels.gpt.device import autocast, compute_dtype, resolve_device
 from gptkernels.gpt.errors import UsageError, env_int
@@ -154,7 +155,7 @@ def _open_splits(cfg: TrainConfig, data_dir: str, meta: dict, msg):
 
 def _model_config(cfg: TrainConfig, tok: Tokenizer, ck: dict | None, msg) -> GPTConfig:
     asked = GPTConfig.from_dict(cfg.model_dict(tok.vocab_size))
-    mcfg = GPTConfig.from_dict(ck["model_config"]) if ck is not None else asked
+    mcfg = checkpoint_config(ck) if ck is not None else asked
     if ck is not None:
         differ = sorted(k for k, v in asked.to_dict().items() if k != "block_size" and mcfg.to_dict().get(k) != v)
         if differ:
@@ -174,7 +175,7 @@ def _model_config(cfg: TrainConfig, tok: Tokenizer, ck: dict | None, msg) -> GPT
 
 def _build_model(cfg: TrainConfig, d: Dist, mcfg: GPTConfig, ck: dict | None) -> GPT:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = (gpt_from_checkpoint(ck) if ck is not None else GPT(mcfg)).to(d.device)
+    model = (gpt_from_checkpoint(ck, os.path.join(cfg.out_dir, CKPT_NAME)) if ck is not None else GPT(mcfg)).to(d.device)
     # Every shard's ids were checked against the vocabulary when the splits were opened, so the hot
     # path skips the per-step range check of the token ids, a host sync.
     model.check_token_ids = False
@@ -213,11 +214,16 @@ def setup_run(cfg: TrainConfig, d: Dist, msg) -> Run:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = load_checkpoint(ckpt_path, verify=cfg.verify_checkpoint, log=msg)
+    if ck is not None:
+        planned = checkpoint_config(ck, ckpt_path)
+    else:  # the vocabulary: from --data's meta.json, or the bundled corpus's (before preparing it)
+        vocab = gdata.load_meta(cfg.data)["vocab_size"] if cfg.data else gdata.DEFAULT_CORPORA[cfg.corpus][1]
+        planned = GPTConfig.from_dict(cfg.model_dict(vocab))
+    check_budget(cfg, planned, d.device, d.local_world, msg)
     data_dir = _data_dir(cfg, d, ck, msg)
     meta = gdata.load_meta(data_dir)
     tok = gdata.load_tokenizer(data_dir, meta)
     mcfg = _model_config(cfg, tok, ck, msg)
-    check_budget(cfg, mcfg, d.device, d.local_world, msg)
     train_split, val_split = _open_splits(cfg, data_dir, meta, msg)
 
     per_micro = cfg.batch_size * cfg.block_size * d.world
