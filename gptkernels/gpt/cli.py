@@ -115,7 +115,7 @@ _TRAIN_HELP = {
 def _train_default(name: str, default) -> str:
     """ "(default: X; presets: demo Y, ...)" for an option of `train`."""
     from gptkernels.gpt.train import PRESETS
-    shown = "off" if default is None else default
+    shown = "off" if default is None else "empty" if default == "" else default
     per = [f"{p} {v[name]}" for p, v in PRESETS.items() if name in v and v[name] != default]
     return f" (default: {shown}" + (f"; presets: {', '.join(per)})" if per else ")")
 

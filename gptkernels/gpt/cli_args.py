@@ -24,7 +24,7 @@ class Help(argparse.HelpFormatter):
         d = action.default
         if "default" in h.lower() or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
             return h
-        return f"{h} (default: {d!r})" if isinstance(d, str) else f"{h} (default: {d})"
+        return f"{h} (default: {d})"
 
 
 def num(kind: str):
