@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 
-from gptkernels.gpt.cli_args import Help as _Help, Parser as _Parser, num as _num, text as _text
+from gptkernels.gpt.cli_args import Help as _Help, Parser as _Parser, device as _device, num as _num, text as _text
 from gptkernels.gpt.device import DEVICE_HELP
 from gptkernels.gpt.errors import UsageError, cli_error, describe, env_flag
 
@@ -150,7 +150,7 @@ def _add_train(sub):
         elif isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:  # text: the sample prompt and the device must be valid UTF-8; paths may be any bytes
-            p.add_argument(flag, type=_text if f.name in ("sample_prompt", "device") else str, **kw)
+            p.add_argument(flag, type={"sample_prompt": _text, "device": _device}.get(f.name, str), **kw)
     p.set_defaults(fn=_cmd_train)
 
 
@@ -225,7 +225,7 @@ def _add_generate(sub):
                    help="end a sample at the end-of-text token")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check the checkpoint's checksums")
-    p.add_argument("--device", type=_text, default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.set_defaults(fn=_cmd_generate)
 
 
@@ -250,7 +250,7 @@ def _add_finetune(sub):
     p.add_argument("--freeze-body", action="store_true", help="train only the classification head")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check the checksums of the --init checkpoint")
-    p.add_argument("--device", type=_text, default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=_num("int>=0"), default=0, help="random seed (weights, order, held-out split)")
     p.add_argument("--out", help="save the fine-tuned classifier here (.pt; default: not saved)")
     p.set_defaults(fn=_cmd_finetune)

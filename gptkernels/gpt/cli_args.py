@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gptkernels.gpt import limits
+from gptkernels.gpt.device import check_device_name
 from gptkernels.gpt.errors import EXIT_USAGE
 from gptkernels.gpt.tokenizer import TokenizerError, check_text
 
@@ -36,4 +37,12 @@ def text(s: str) -> str:
     try:
         return check_text("text", s)
     except TokenizerError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def device(s: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (checked while parsing; whether a GPU is there, later)."""
+    try:
+        return check_device_name(s)
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 from gptkernels.gpt import limits
 from gptkernels.gpt.config import ACTIVATIONS, POS_EMBEDDINGS, pad_vocab
-from gptkernels.gpt.device import DTYPES
+from gptkernels.gpt.device import DTYPES, check_device_name
 from gptkernels.gpt.errors import UsageError
 
 
@@ -88,6 +88,10 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise UsageError(f"{name}: expected one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if self.n_embd % self.n_head:
             raise UsageError(f"n_embd: {self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
