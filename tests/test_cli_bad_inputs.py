@@ -407,6 +407,32 @@ def test_finetune_bad_data(what, tmp_path, capsys):
     assert path in line or what == "one_class"
 
 
+@pytest.mark.parametrize("cmd", ["prepare", "finetune", "generate"])
+def test_unreadable_input(cmd, tiny_data, tiny_run, tmp_path, capsys, monkeypatch):
+    """A file the user may not read (simulated: root reads everything): "cannot read ...: permission denied"."""
+    import builtins
+
+    from gptkernels.gpt import checkpoint, finetune
+    from gptkernels.gpt.data import corpus
+    c = Ctx(tmp_path, tiny_data, tiny_run)
+    target = {"prepare": lambda: c.file("a.txt", "hello\n" * 50),
+              "finetune": lambda: c.file("d.jsonl", json.dumps({"text": "a", "label": "x"}) + "\n"),
+              "generate": c.ckpt}[cmd]()
+    real = builtins.open
+
+    def guarded(path, *a, **k):
+        if os.fspath(path) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, *a, **k)
+
+    for mod in (corpus, finetune, checkpoint):
+        monkeypatch.setattr(mod, "open", guarded, raising=False)
+    argv = {"prepare": ["prepare", target, "--out", c.path("o"), "--vocab-size", "300", "--no-progress"],
+            "finetune": ["finetune", "--data", target], "generate": ["generate", target]}[cmd]
+    line = one_line_error(capsys, argv, 1)
+    assert "permission denied" in line and target in line
+
+
 # ---- files written -------------------------------------------------------------------------------
 
 def _out_args(c, cmd, out):
