@@ -571,6 +571,7 @@ def test_prompts(tiny_run, capsys):
     line = one_line_error(capsys, ["generate", tiny_run, "--prompt", "def", "--max-new-tokens", "500"], 2)
     assert "--max-new-tokens" in line and "at most" in line
     assert main(["generate", tiny_run, "--prompt", "def", "--max-new-tokens", line.split("at most ")[1]]) == 0
+    assert main(["generate", tiny_run, "--prompt", "def"]) == 0  # the default: 200, or as many as fit
 
 
 def test_sample_prompt_too_long_or_not_text(tiny_data, tmp_path, capsys):

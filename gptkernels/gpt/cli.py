@@ -190,7 +190,9 @@ def _cmd_generate(args) -> int:
     if room < 1:
         raise UsageError(f"--prompt: {n_prompt} tokens{' (plus the end-of-text token that starts a document)' if prepended and n_prompt else ''}"
                          f", too long for the model's context of {T} tokens")
-    if args.max_new_tokens > room:
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(200, room)
+    elif args.max_new_tokens > room:
         raise UsageError(f"--max-new-tokens: {args.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt "
                          f"exceed the model's context of {T} tokens; at most {room}")
     idx = torch.tensor([prompt_ids] * args.num_samples, device=device)
@@ -213,8 +215,9 @@ def _add_generate(sub):
                        formatter_class=_Help)
     p.add_argument("source", help="ckpt.pt, a run folder holding one, or a Hugging Face GPT-2 folder")
     p.add_argument("--prompt", type=_text, default="", help="text to continue (default: empty, a new document)")
-    p.add_argument("--max-new-tokens", type=_num("int>=1"), default=200,
-                   help="tokens to generate; the prompt plus these must fit the model's context")
+    p.add_argument("--max-new-tokens", type=_num("int>=1"), default=None,
+                   help="tokens to generate; the prompt plus these must fit the model's context "
+                        "(default: 200, or as many as fit)")
     p.add_argument("--temperature", type=_num("float>=0"), default=0.8, help="0 picks the most likely token")
     p.add_argument("--top-k", type=_num("int>=1"), default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=_num("(0,1]"), default=None,
