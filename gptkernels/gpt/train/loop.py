@@ -177,7 +177,8 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
     if d.master and partial:
         acc[0], acc[1] = partial["loss_sum"], partial["micro_steps"]
     last_norm = torch.zeros((), device=d.device)
-    t_last, step_last, paused = time.perf_counter(), int(partial.get("since_step", step)), 0.0
+    # step_last: the last log step (the loss window starts after it); timed_from: where tokens/s counts from
+    t_last, step_last, timed_from, paused = time.perf_counter(), int(partial.get("since_step", step)), step, 0.0
     last_good_ckpt = step if run.resumed is not None else None
     stopped = "done"
     while step < cfg.max_steps:
@@ -231,8 +232,8 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
             acc.zero_()
             now = time.perf_counter()
             dt = now - t_last - paused
-            tok_s = (step - step_last) * tps / dt if dt > 0 else float("nan")
-            t_last, step_last, paused = now, step, 0.0
+            tok_s = (step - timed_from) * tps / dt if dt > 0 else float("nan")
+            t_last, step_last, timed_from, paused = now, step, step, 0.0
             train_loss = running
             mfu = raw.estimate_mfu(tok_s, peak, cfg.block_size) if peak else None
             norm = float(last_norm) if cfg.grad_clip > 0 else None
