@@ -29,13 +29,13 @@ setup: $(VENV)/.built
 demo: setup
 	$(PY) -m gptkernels info
 	$(PY) -m gptkernels train --preset demo --out-dir runs/demo
-	$(PY) -m gptkernels generate runs/demo --prompt "def " --max-new-tokens 200 --seed 0
+	$(PY) -m gptkernels generate runs/demo --prompt "def " --max-new-tokens 120 --seed 0
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m benchmarks.run --quick
+	$(PY) -m gptkernels bench --quick
 
 ptxas:
 	$(PYTHON) tools/ptxas_report.py --archs "$${GPTKERNELS_CUDA_ARCHS:-80;90a}"

@@ -214,7 +214,8 @@ else:
     say("*" * 72)
 
 setup(
-    packages=find_packages(include=["gptkernels", "gptkernels.*"]),
+    # benchmarks/ ships beside the package, so `gptkernels bench` works from an installed wheel too
+    packages=find_packages(include=["gptkernels", "gptkernels.*", "benchmarks"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

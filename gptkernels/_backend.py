@@ -17,7 +17,8 @@ e.g. gptkernels.ops.attention.FLASH_ATTENTION):
 what every op calls: it warns once per op and reason when a GPU call cannot take the kernel, and in
 mode "kernel" raises instead. `use_kernel()` is its kernel-or-not half.
 
-The mode comes from the environment variable GPTKERNELS_BACKEND, `set_backend(mode)`, or the
+The mode comes from the environment variable GPTKERNELS_BACKEND (read and checked at first use,
+not at import, so a bad value is an error of the call that reads it), `set_backend(mode)`, or the
 context manager `backend(mode)`: "auto" (default), "kernel" (the kernel or a clear error) or
 "reference" (always the reference, also on a GPU: for comparisons).
 """
@@ -43,13 +44,13 @@ except ImportError as e:  # not built, or built against another torch
 EXT_LOADED = _C is not None
 
 
-def _check_mode(mode: str) -> str:
+def _check_mode(mode: str, name: str = "gptkernels backend") -> str:
     if mode not in MODES:
-        raise ValueError(f"gptkernels backend: expected one of {MODES}, got {mode!r}")
+        raise ValueError(f"{name}: expected one of {MODES}, got {mode!r}")
     return mode
 
 
-_mode = _check_mode(os.environ.get("GPTKERNELS_BACKEND", "auto"))
+_mode: str | None = None  # None: not read from GPTKERNELS_BACKEND yet
 _warned: set[tuple[str, str]] = set()
 # The self-test's verdicts (installed by gptkernels._selftest): verifier(op, device) -> None when the
 # op's kernel family may run on that GPU, else the reason it may not (it failed the self-test there).
@@ -62,6 +63,9 @@ def set_verifier(fn) -> None:
 
 
 def get_backend() -> str:
+    global _mode
+    if _mode is None:
+        _mode = _check_mode(os.environ.get("GPTKERNELS_BACKEND", "auto"), "GPTKERNELS_BACKEND")
     return _mode
 
 
@@ -140,7 +144,7 @@ def decide(on_cuda: bool, unsupported: str | None = None, *, mode: str | None = 
            ext_loaded: bool | None = None) -> str:
     """The path a call takes, as a pure function of its facts: "kernel", "torch" or "reference".
     Neither warns nor raises (path() does). mode / ext_loaded default to the current ones."""
-    mode = _mode if mode is None else mode
+    mode = get_backend() if mode is None else mode
     ext = EXT_LOADED if ext_loaded is None else ext_loaded
     if mode == "reference" or not on_cuda:
         return "reference"
@@ -163,7 +167,7 @@ def use_kernel(op: str, tensors, unsupported: str | None = None) -> bool:
     `unsupported` is None when the kernel handles this call, else a short reason it does not
     (e.g. "head_dim 96 is not compiled"). Raises in "kernel" mode when the kernel cannot run; warns
     once per op and reason when a GPU call falls back."""
-    mode = _mode
+    mode = get_backend()
     if mode == "reference":
         return False
     tensors = [t for t in tensors if t is not None]

@@ -65,6 +65,10 @@ def info(file=None) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cap = torch.cuda.get_device_capability(0) if gpu else None
     b = build_info()
+    try:
+        mode, mode_error = _backend.get_backend(), None
+    except ValueError as e:  # a bad GPTKERNELS_BACKEND: reported here, info still runs
+        mode, mode_error = "auto", str(e)
     d = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -76,8 +80,8 @@ def info(file=None) -> dict:
         "extension_ptx": b.get("ptx"),
         "extension_cuda": b.get("cuda"),
         "extension_error": _backend.EXT_ERROR,
-        "backend": _backend.get_backend(),
-        "ops": {name: implementation(name, capability=cap, build=b) for name in OPS},
+        "backend": mode if mode_error is None else None,
+        "ops": {name: implementation(name, capability=cap, mode=mode, build=b) for name in OPS},
     }
     lines = [
         f"gptkernels: python {d['python']}, torch {d['torch']} (CUDA {d['torch_cuda'] or 'none'})",
@@ -89,16 +93,17 @@ def info(file=None) -> dict:
                      f"with CUDA {d['extension_cuda']}")
     else:
         lines.append(f"extension gptkernels._C: NOT built ({d['extension_error']}); every op uses its PyTorch paths")
-    lines.append(f"backend mode: {d['backend']}")
+    lines.append(f"backend mode: {d['backend']}" if mode_error is None else
+                 f"backend mode: INVALID ({mode_error}); below as for 'auto'")
     lines.append("implementation per op:")
     for name, impl in d["ops"].items():
         lines.append(f"  {name:<28} {impl}")
     if not gpu and d["extension_built"]:  # what the newest GPU this build targets would run
         newest = max(d["extension_archs"].split(";"), key=lambda a: int(a.rstrip("a")))
         c = (int(newest.rstrip("a")) // 10, int(newest.rstrip("a")) % 10)
-        lines.append(f"on an sm_{newest} GPU (mode {d['backend']}):")
+        lines.append(f"on an sm_{newest} GPU (mode {mode}):")
         for name in OPS:
-            lines.append(f"  {name:<28} {implementation(name, capability=c, build=b)}")
+            lines.append(f"  {name:<28} {implementation(name, capability=c, mode=mode, build=b)}")
     d["selftest"] = _selftest_state.summary()
     lines += d["selftest"].pop("lines")
     print("\n".join(lines), file=file)

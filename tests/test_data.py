@@ -59,7 +59,7 @@ def test_prepare_split_keeps_documents_whole(tmp_path):
     corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     out = tmp_path / "ds"
     meta = data.prepare([str(corpus)], str(out), vocab_size=300, val_fraction=0.1, progress=False,
-                        text_field="body", log=lambda s: None)
+                        text_field="body", log=lambda s: None, min_val_tokens=0)  # (the rule alone, no floor)
     tok = Tokenizer.load(str(out))
     _, tr = _decode_split(str(out), "train", tok)
     _, va = _decode_split(str(out), "val", tok)
@@ -87,6 +87,40 @@ def test_single_document_still_gets_a_val_split(tmp_path):
     tr2, _ = _decode_split(str(out2), "train", tok)
     va2, _ = _decode_split(str(out2), "val", tok)
     assert len(va2) > 0 and tok.decode(np.concatenate([tr2, va2]).tolist()) == tok.eos_token + text
+
+
+def test_small_corpus_val_split_is_a_fraction_of_tokens_with_a_floor(tmp_path):
+    """A few files: whole pieces cannot make a val split, so it is the last tokens of the stream:
+    max(val_fraction, min(1024 tokens, 10%)) of them, cut inside the last document."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.txt").write_text("".join(f"line {j} of file {i}: some words\n" for j in range(150)))
+    notes = []
+    for frac, name in ((0.01, "a"), (0.2, "b")):
+        meta = data.prepare([str(corpus)], str(tmp_path / name), vocab_size=300, val_fraction=frac, progress=False,
+                            log=notes.append)
+        total = meta["tokens"]["train"] + meta["tokens"]["val"]
+        floor = min(1024, total // 10)
+        assert meta["tokens"]["val"] == max(round(frac * total), floor), (frac, meta["tokens"])
+    # Nothing lost or reordered: train + val is the whole stream.
+    tok = Tokenizer.load(str(tmp_path / "a"))
+    tr, _ = _decode_split(str(tmp_path / "a"), "train", tok)
+    va, _ = _decode_split(str(tmp_path / "a"), "val", tok)
+    text = tok.decode(np.concatenate([tr, va]).tolist())
+    assert text.count(tok.eos_token) == 3 and text.endswith("line 149 of file 2: some words\n")
+    # The log says how many val tokens there are and how to get more.
+    assert any("val split has" in n and "--val-fraction" in n for n in notes), notes
+
+
+def test_val_fraction_of_a_larger_corpus_follows_the_rule(tmp_path):
+    docs = [f"document {i}: " + "some words here " * 20 + "\n" for i in range(400)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = data.prepare([str(corpus)], str(tmp_path / "ds"), vocab_size=300, val_fraction=0.05, progress=False,
+                        log=lambda s: None, min_val_tokens=64)
+    total = meta["tokens"]["train"] + meta["tokens"]["val"]
+    assert 0.03 < meta["tokens"]["val"] / total < 0.07  # every 20th document, whole
 
 
 def test_large_file_read_in_blocks(tmp_path, monkeypatch):

@@ -80,6 +80,21 @@ def _torchrun(configs, timeout=240):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
+def test_interrupted_between_log_steps_records_the_same_losses(tiny_data, tmp_path):
+    """A stop between two log steps (here step 6 of log_interval 4) writes no loss record of its own;
+    the partial sums travel in the checkpoint, so the record at step 8 averages steps 5..8 exactly
+    as in a run that never stopped (it used to average a partial interval and spike the chart)."""
+    kw = dict(log_interval=4, eval_interval=100, ckpt_interval=100)
+    full = train(tiny_cfg(tiny_data, str(tmp_path / "a"), **kw), **QUIET)
+    part = train(tiny_cfg(tiny_data, str(tmp_path / "b"), stop_at=6, **kw), **QUIET)
+    assert part.stopped == "stop_at" and sorted(part.losses) == [4]
+    rest = train(tiny_cfg(tiny_data, str(tmp_path / "b"), resume=True, **kw), **QUIET)
+    assert sorted(rest.losses) == [8, 12]
+    assert {**part.losses, **rest.losses} == full.losses
+    recs = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "b")) if "loss" in r]
+    assert recs == sorted(full.losses.items())
+
+
 def test_two_process_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
     """2 gloo processes x batch 2 (DDP, and FSDP2 with a stop and resume half-way) follow the loss
     curve of 1 process x batch 4: the same global batches, gradients averaged across ranks."""
@@ -110,8 +125,12 @@ def test_two_process_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, str(tmp_path / "run"), inject_nan_at=8, ckpt_interval=3, log_interval=2)
-    with pytest.raises(TrainError, match=r"non-finite loss.*steps 7\.\.8.*last good checkpoint.*\(step 6\)"):
+    with pytest.raises(TrainError, match=r"non-finite loss.*steps 7\.\.8.*last good checkpoint.*\(step 6\)") as e:
         train(cfg, **QUIET)
+    assert "--resume" in str(e.value) and "no checkpoint was written" not in str(e.value)
+    with pytest.raises(TrainError, match="no checkpoint was written") as e:
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "early"), inject_nan_at=2), **QUIET)
+    assert "resume" not in str(e.value)
     ck = load_checkpoint(str(tmp_path / "run"))
     assert ck["step"] == 6
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -141,7 +160,9 @@ def test_checkpoint_contents_are_plain_data(tiny_data, tmp_path):
         load_checkpoint(path)
 
 
-def test_sigint_writes_a_checkpoint_and_resume_finishes(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_writes_a_checkpoint_and_resume_finishes(sig, code, tiny_data, tmp_path):
+    """SIGINT and SIGTERM: a checkpoint, then exit status 128 + the signal's number (130, 143)."""
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "gptkernels", "train", "--preset", "tiny", "--data", tiny_data, "--out-dir", out,
            "--max-steps", "100000", "--ckpt-interval", "100000", "--eval-interval", "100000", "--no-progress",
@@ -154,9 +175,9 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes(tiny_data, tmp_path):
         if os.path.isfile(metrics) and sum(1 for _ in open(metrics)) >= 2:
             break
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err[-2000:]
+    assert p.returncode == code, err[-2000:]
     assert "interrupted at step" in err and "Traceback" not in err
     ck = load_checkpoint(out)
     assert ck["step"] >= 50
@@ -175,7 +196,7 @@ def test_config_errors(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_cfg(tiny_data, str(tmp_path / "fresh"), resume=True), **QUIET)
     with pytest.raises(data.DataError, match="too few"):
-        train(tiny_cfg(tiny_data, str(tmp_path), block_size=10_000_000), **QUIET)
+        train(tiny_cfg(tiny_data, str(tmp_path), block_size=10_000_000, force=True), **QUIET)
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_preset("huge")
 

@@ -49,9 +49,15 @@ def read_mode(value: str | None = None) -> str:
 
 
 def cache_dir() -> Path:
-    """gptkernels' cache folder: $GPTKERNELS_CACHE, else $XDG_CACHE_HOME/gptkernels, else ~/.cache/gptkernels."""
-    return Path(os.environ.get("GPTKERNELS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkernels"))
+    """gptkernels' cache folder (self-test verdicts, datasets, benchmark output): $GPTKERNELS_CACHE, else
+    $XDG_CACHE_HOME/gptkernels, else ~/.cache/gptkernels. A GPTKERNELS_CACHE that names a file is an
+    error naming the variable."""
+    env = os.environ.get("GPTKERNELS_CACHE", "").strip()
+    if env:
+        if os.path.exists(env) and not os.path.isdir(env):
+            raise ValueError(f"GPTKERNELS_CACHE: expected a folder, found a file ({env})")
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "gptkernels"
 
 
 # ---- identity ---------------------------------------------------------------------------------
@@ -323,7 +329,12 @@ def summary(device=None, verifier: Verifier | None = None) -> dict:
     device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
     ident = verifier.identity(device)
     out["gpu"] = ident.label()
-    for name, v in verifier.states(device).items():
+    try:
+        states = verifier.states(device)
+    except ValueError as e:  # e.g. a GPTKERNELS_CACHE that names a file: info still runs
+        out["lines"] = [f"self-test (GPTKERNELS_SELFTEST={shown}): state unreadable: {e}"]
+        return out
+    for name, v in states.items():
         if v is None:
             text = "not checked yet (its quick check runs at its first kernel call)"
         elif v.get("ok"):

@@ -5,7 +5,10 @@
                                     # the folder; on an exception the temporary file is removed
 
 or, for a writer that stays open across calls (a token shard), f = AtomicFile(path), then
-f.file.write(...), f.commit() or f.abort().
+f.file.write(...), f.commit() or f.abort(). Whatever fails (a full disk in a write, the flush
+or the rename), the temporary file is removed. `f.write_error` keeps the first OSError a write
+raised: a writer that wraps it in an exception of its own (torch.save raises a RuntimeError
+"unexpected pos ...") can be told apart from a full disk.
 """
 from __future__ import annotations
 
@@ -13,18 +16,42 @@ import contextlib
 import os
 
 
+class _Recording:
+    """A binary file object that remembers the first OSError of write()."""
+
+    def __init__(self, f, owner):
+        self._f, self._owner = f, owner
+
+    def write(self, b):
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            if self._owner.write_error is None:
+                self._owner.write_error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 class AtomicFile:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self.tmp = f"{self.path}.tmp{os.getpid()}"
-        self.file = open(self.tmp, "wb")
+        self.write_error: OSError | None = None
+        self._raw = open(self.tmp, "wb")
+        self.file = _Recording(self._raw, self)
 
     def commit(self) -> None:
         """Make the written bytes durable, then put them at `path` in one rename."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         with contextlib.suppress(OSError):  # make the rename itself durable
             fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
@@ -34,8 +61,9 @@ class AtomicFile:
 
     def abort(self) -> None:
         """Drop what was written; `path` is untouched."""
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            self._raw.close()
+        with contextlib.suppress(OSError):
             os.remove(self.tmp)
 
     def __enter__(self):

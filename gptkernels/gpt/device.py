@@ -3,6 +3,7 @@ in, and the GPU's peak (for MFU). Used by train, generate (cli) and finetune ali
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -15,11 +16,17 @@ PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989
              ("B200", 2250e12)]
 
 
+def check_device_name(name) -> str:
+    """name if it is one of auto, cpu, cuda, cuda:N; else a ValueError naming the device option."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        raise ValueError(f"device: expected {DEVICE_HELP}, got {name!r}")
+    return name
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> cuda when a GPU is visible, else cpu; "cpu", "cuda", "cuda:N" as given. Asking
     for CUDA without a GPU is a ValueError naming the request."""
-    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:")):
-        raise ValueError(f"device: expected {DEVICE_HELP}, got {name!r}")
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

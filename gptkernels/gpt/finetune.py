@@ -19,10 +19,12 @@ import zlib
 
 import torch
 
+from gptkernels.gpt import fs, limits
 from gptkernels.gpt.checkpoint import load_model, save_atomic
 from gptkernels.gpt.classifier import GPTForSequenceClassification
 from gptkernels.gpt.config import GPTConfig, pad_vocab
 from gptkernels.gpt.data import stdlib_dir
+from gptkernels.gpt.errors import file_op
 from gptkernels.gpt.device import autocast
 from gptkernels.gpt.generate import pad_prompts
 from gptkernels.gpt.model import GPT
@@ -75,9 +77,25 @@ def bundled_labelled_set(lines_per_snippet: int = 12, max_per_class: int = 400, 
 
 
 def read_labelled(path: str, text_field: str = "text", label_field: str = "label"):
-    """[(text, label-as-string)] from a .jsonl or .csv file."""
+    """[(text, label-as-string)] from a .jsonl or .csv file (UTF-8); FinetuneError naming the file
+    (and line) when it is not that."""
+    if os.path.isdir(path):
+        raise FinetuneError(f"{path}: expected a .jsonl or .csv file, found a folder")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(f"no such file ({path})")
+    try:
+        with file_op("read", path):
+            out = _read_labelled(path, text_field, label_field)
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"{path}: not valid UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    except csv.Error as e:
+        raise FinetuneError(f"{path}: not a readable CSV file ({e})") from None
+    if not out:
+        raise FinetuneError(f"{path}: no examples")
+    return out
+
+
+def _read_labelled(path: str, text_field: str, label_field: str):
     out = []
     if path.lower().endswith((".jsonl", ".ndjson", ".json")):
         with open(path, encoding="utf-8") as f:
@@ -103,21 +121,19 @@ def read_labelled(path: str, text_field: str = "text", label_field: str = "label
                 out.append((row[text_field], row[label_field]))
     else:
         raise FinetuneError(f"{path}: expected a .jsonl or .csv file")
-    if not out:
-        raise FinetuneError(f"{path}: no examples")
     return out
 
 
 # ---- model -----------------------------------------------------------------------------------
 
-def _load_body(init: str | None, train_texts, block_size: int, seed: int, log):
+def _load_body(init: str | None, train_texts, block_size: int, seed: int, log, verify: bool = True):
     """(GPT, tokenizer, where-from) for the classifier's body."""
     if init is None:
         tok = Tokenizer.train(iter(train_texts), vocab_size=1024)
         torch.manual_seed(seed)
         cfg = GPTConfig(vocab_size=pad_vocab(tok.vocab_size), block_size=block_size, n_layer=4, n_head=4, n_embd=128)
         return GPT(cfg), tok, "a fresh 4-layer GPT (no --init), tokenizer trained on the training texts"
-    gpt, tok, kind = load_model(init, "cpu")
+    gpt, tok, kind = load_model(init, "cpu", verify=verify, log=log)
     return gpt, tok, f"{'Hugging Face GPT-2' if kind == 'hf' else 'checkpoint'} {init}"
 
 
@@ -146,9 +162,15 @@ def _batches(ids, labels, B, shuffle_seed=None):
 
 def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3, batch_size: int = 16,
              lr: float = 3e-4, weight_decay: float = 0.01, max_len: int = 128, freeze_body: bool = False,
-             device: str = "cpu", seed: int = 0, out: str | None = None, log=None) -> dict:
+             device: str = "cpu", seed: int = 0, out: str | None = None, log=None, verify: bool = True) -> dict:
     """Train a classifier; returns {"accuracy", "majority_baseline", "labels", "n_train", "n_eval", ...}.
-    device: a torch.device or its name ("cpu", "cuda", "cuda:N")."""
+    device: a torch.device or its name ("cpu", "cuda", "cuda:N"). out: where to save the classifier
+    (checked to be writable before training). verify: check the --init checkpoint's checksums."""
+    for name, kind, v in (("epochs", "int>=1", epochs), ("batch_size", "int>=1", batch_size), ("lr", "float>0", lr),
+                          ("weight_decay", "float>=0", weight_decay), ("max_len", "int>=1", max_len)):
+        limits.check(name, kind, v)
+    if out:
+        fs.output_file(out, "--out")
     device = torch.device(device)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if eval_set is None:  # hold out a deterministic 20%
@@ -165,7 +187,7 @@ def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3,
         raise FinetuneError(f"evaluation labels {unknown[:5]} do not occur in the training data")
     index = {lab: i for i, lab in enumerate(labels)}
 
-    gpt, tok, where = _load_body(init, [t for t, _ in train_set], max_len, seed, log)
+    gpt, tok, where = _load_body(init, [t for t, _ in train_set], max_len, seed, log, verify)
     max_len = min(max_len, gpt.config.block_size)
     pretrained_with_eos = init is not None
     model = GPTForSequenceClassification.from_gpt(gpt, len(labels), pad_token_id=tok.eos_id).to(device).train()
@@ -218,9 +240,8 @@ def finetune(train_set, eval_set=None, init: str | None = None, epochs: int = 3,
            "labels": labels, "n_train": len(Xtr), "n_eval": len(Xev), "history": history,
            "seconds": time.time() - t0, "body": where}
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
         save_atomic({"format": "gptkernels-classifier", "model": {k: v.cpu() for k, v in model.state_dict().items()},
                      "model_config": gpt.config.to_dict(), "labels": labels, "pad_token_id": tok.eos_id,
-                     "tokenizer": tok.to_json_str(), "accuracy": res["accuracy"]}, out)
+                     "tokenizer": tok.to_json_str(), "accuracy": res["accuracy"]}, out, "the classifier")
         res["checkpoint"] = out
     return res

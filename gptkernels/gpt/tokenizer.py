@@ -104,8 +104,15 @@ class Tokenizer:
                 raise TokenizerError(f"{path}: no tokenizer.json, and no vocab.json + merges.txt")
         if not os.path.isfile(path):
             raise TokenizerError(f"tokenizer file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json_str(f.read(), eos_token)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read the tokenizer file {path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return cls.from_json_str(text, eos_token)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
 
     def save(self, path: str) -> None:
         """Write tokenizer.json (readable by `tokenizers` and Hugging Face transformers), atomically."""
@@ -125,6 +132,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text: expected str, got {type(text).__name__}")
+        check_text("text", text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -142,6 +150,18 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}:{self.eos_id})"
+
+
+def check_text(name: str, text: str) -> str:
+    """TokenizerError naming `name` unless text is valid Unicode: a command-line argument holding
+    bytes that are not UTF-8 arrives as a str with lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise TokenizerError(f"{name}: not valid UTF-8 text ({byte} at character {e.start})") from None
+    return text
 
 
 def _guess_eos(tok) -> str:

@@ -68,13 +68,17 @@ def check_target_range(target, vocab: int, ignore_index: int):
 
 # ---- target check on the kernel path -------------------------------------------------------
 
-_target_check = os.environ.get("GPTKERNELS_CE_TARGET_CHECK", "sync")
-if _target_check not in TARGET_CHECKS:
-    raise ValueError(f"GPTKERNELS_CE_TARGET_CHECK: expected one of {TARGET_CHECKS}, got {_target_check!r}")
+_target_check: str | None = None  # None: not read from GPTKERNELS_CE_TARGET_CHECK yet (read at first use)
 _pending: collections.deque = collections.deque()
 
 
 def get_target_check() -> str:
+    global _target_check
+    if _target_check is None:
+        mode = os.environ.get("GPTKERNELS_CE_TARGET_CHECK", "sync")
+        if mode not in TARGET_CHECKS:
+            raise ValueError(f"GPTKERNELS_CE_TARGET_CHECK: expected one of {TARGET_CHECKS}, got {mode!r}")
+        _target_check = mode
     return _target_check
 
 
@@ -110,7 +114,7 @@ def check_targets(wait: bool = True) -> None:
 
 
 def _check_status(status, target, vocab: int, ignore_index: int) -> None:
-    if _target_check == "off" or torch.compiler.is_compiling() or not status.is_cuda:
+    if get_target_check() == "off" or torch.compiler.is_compiling() or not status.is_cuda:
         return
     if torch.cuda.is_current_stream_capturing():
         return

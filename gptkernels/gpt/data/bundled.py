@@ -8,6 +8,7 @@ import sys
 from gptkernels._selftest.state import cache_dir  # the one cache folder of the package (GPTKERNELS_CACHE)
 from gptkernels.gpt.data.preparation import prepare
 from gptkernels.gpt.data.shards import VERSION, DataError
+from gptkernels.gpt.errors import FileAccessError
 
 
 DEFAULT_CORPORA = {
@@ -54,6 +55,9 @@ def default_dataset(name: str = "stdlib-small", root: str | None = None, progres
         f"-> {out}")
     try:
         prepare(files, out, vocab_size=vocab, val_fraction=0.05, progress=progress, log=log)
+    except FileAccessError as e:
+        raise FileAccessError(f"the bundled corpus cannot be prepared in the cache: {e}; set GPTKERNELS_CACHE to a "
+                              f"writable folder") from None
     except DataError:
         if os.path.isfile(os.path.join(out, "meta.json")):  # another process finished it first
             return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from gptkernels.gpt.data.shards import DataError
+from gptkernels.gpt.errors import file_op
 
 TEXT_EXTENSIONS = {
     ".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".cuh", ".js", ".ts", ".java",
@@ -69,7 +70,7 @@ def iter_documents(files: Sequence[str], text_field: str = "text", stats: Corpus
             return
         bad_utf8 = False
         if os.path.splitext(path)[1].lower() in JSONL_EXTENSIONS:
-            with open(path, "rb") as f:
+            with _open(path) as f:
                 for lineno, line in enumerate(f, 1):
                     stats.bytes_read += len(line)
                     if not line.strip():
@@ -83,7 +84,7 @@ def iter_documents(files: Sequence[str], text_field: str = "text", stats: Corpus
                     stats.documents += 1
                     yield rec[text_field]
             continue
-        with open(path, "rb") as f:
+        with _open(path) as f:
             first, rest = True, b""
             while True:
                 data = f.read(_READ_BLOCK)
@@ -108,6 +109,11 @@ def iter_documents(files: Sequence[str], text_field: str = "text", stats: Corpus
                 if eof and not rest:
                     break
         stats.invalid_utf8_files += bad_utf8
+
+
+def _open(path: str):
+    with file_op("read", path):
+        return open(path, "rb")
 
 
 def _cut_point(block: bytes) -> int:

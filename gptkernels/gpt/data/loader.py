@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from gptkernels.gpt.data.shards import DataError, load_meta, open_shard, read_header
+from gptkernels.gpt.data.shards import DataError, TooShortError, load_meta, open_shard, read_header
+from gptkernels.gpt.tokenizer import Tokenizer, TokenizerError
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -54,6 +55,20 @@ def feistel_permute(i: np.ndarray, n: int, seed: int, epoch: int = 0, rounds: in
     return out
 
 
+def load_tokenizer(data_dir: str, meta: dict | None = None) -> Tokenizer:
+    """The tokenizer of a prepared dataset, checked against its meta.json."""
+    meta = meta or load_meta(data_dir)
+    path = os.path.join(data_dir, meta["tokenizer"])
+    try:
+        tok = Tokenizer.load(path)
+    except TokenizerError as e:
+        raise DataError(f"{data_dir}: the dataset's tokenizer does not load: {e}") from None
+    if tok.vocab_size != meta["vocab_size"] or tok.eos_id != meta["eos_id"]:
+        raise DataError(f"{path}: a tokenizer of {tok.vocab_size} ids (end-of-text {tok.eos_id}), but the shards were "
+                        f"written with {meta['vocab_size']} (end-of-text {meta['eos_id']}); not this dataset's tokenizer")
+    return tok
+
+
 class TokenSplit:
     """One split (train or val) of a prepared dataset, memory-mapped, viewed as windows of T+1 tokens."""
 
@@ -79,8 +94,9 @@ class TokenSplit:
         self.n_windows = int(self.cum[-1])
         self.n_tokens = int(sum(len(s) for s in self.shards))
         if self.n_windows == 0:
-            raise DataError(f"{data_dir}: the {split} split has {self.n_tokens} tokens, too few for one sequence of "
-                            f"block_size {T} (needs {T + 1} in one shard); use a smaller block size or more text")
+            raise TooShortError(f"{data_dir}: the {split} split has {self.n_tokens} tokens, too few for one sequence "
+                                f"of block_size {T} (needs {T + 1} in one shard); use a smaller --block-size or more "
+                                f"text", self.n_tokens)
 
     def window(self, w: int) -> np.ndarray:
         s = int(np.searchsorted(self.cum, w, side="right") - 1)

@@ -36,6 +36,14 @@ class DataError(ValueError):
     """Unusable input or dataset: missing, corrupt, truncated or too small. The message names the path."""
 
 
+class TooShortError(DataError):
+    """A split with fewer tokens than one sequence needs."""
+
+    def __init__(self, message: str, n_tokens: int):
+        super().__init__(message)
+        self.n_tokens = n_tokens
+
+
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
@@ -112,31 +120,53 @@ def read_header(path: str) -> dict:
 
 
 def open_shard(path: str, verify: bool = True) -> np.ndarray:
-    """Memory-map a shard's tokens (read-only). verify=True also checks the CRC-32 of the data."""
+    """Memory-map a shard's tokens (read-only), checking in one pass that every token id is below
+    the vocabulary size in its header (always: a model given a larger id fails deep inside) and,
+    with verify=True, the CRC-32 of the data. DataError naming the shard otherwise."""
     h = read_header(path)
     if h["count"] == 0:
         return np.zeros(0, dtype=h["dtype"])
-    mm = np.memmap(path, dtype=h["dtype"], mode="r", offset=HEADER_BYTES, shape=(h["count"],))
-    if verify:
-        crc, step = 0, (64 << 20) // h["itemsize"]
+    try:
+        mm = np.memmap(path, dtype=h["dtype"], mode="r", offset=HEADER_BYTES, shape=(h["count"],))
+        crc, top, step = 0, 0, (64 << 20) // h["itemsize"]
         for i in range(0, h["count"], step):
-            crc = zlib.crc32(mm[i:i + step].tobytes(), crc)
-        if crc != h["crc32"]:
-            raise DataError(f"{path}: corrupt shard: CRC-32 of the tokens is {crc:08x}, header says {h['crc32']:08x}")
+            chunk = mm[i:i + step]
+            top = max(top, int(chunk.max()))
+            if verify:
+                crc = zlib.crc32(chunk.tobytes(), crc)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard: {e.strerror or e}") from None
+    if verify and crc != h["crc32"]:
+        raise DataError(f"{path}: corrupt shard: CRC-32 of the tokens is {crc:08x}, header says {h['crc32']:08x}")
+    if top >= h["vocab_size"]:
+        raise DataError(f"{path}: corrupt shard: holds token id {top}, not below its vocabulary size "
+                        f"{h['vocab_size']}")
     return mm
 
 
 def load_meta(data_dir: str) -> dict:
+    """A dataset's meta.json, checked: ours, and holding the fields training reads."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such dataset folder (make one with `gptkernels prepare`)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{data_dir}: not a prepared dataset (no meta.json; make one with `gptkernels prepare`)") from None
-    except ValueError as e:
-        raise DataError(f"{path}: corrupt ({e})") from None
-    if meta.get("format") != META_FORMAT:
-        raise DataError(f"{path}: not a gptkernels dataset (format {meta.get('format')!r})")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise DataError(f"{path}: corrupt ({str(e)[:200] or 'empty'})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{path}: not a gptkernels dataset (format {fmt!r})")
+    ok = (isinstance(meta.get("vocab_size"), int) and isinstance(meta.get("eos_id"), int)
+          and isinstance(meta.get("tokenizer"), str) and isinstance(meta.get("splits"), dict)
+          and isinstance(meta.get("tokens"), dict)
+          and all(isinstance(v, list) and all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                              and isinstance(s.get("tokens"), int) for s in v)
+                  for v in meta["splits"].values()))
+    if not ok:
+        raise DataError(f"{path}: corrupt: missing or malformed fields (vocab_size, eos_id, tokenizer, splits, tokens)")
     return meta

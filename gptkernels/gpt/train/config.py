@@ -1,11 +1,13 @@
-"""Training configuration: TrainConfig (every option of `gptkernels train`), the presets, TrainError."""
+"""Training configuration: TrainConfig (every option of `gptkernels train`), the allowed range of
+each (LIMITS), the presets, TrainError."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from gptkernels.gpt.config import pad_vocab
-from gptkernels.gpt.device import DTYPES
+from gptkernels.gpt import limits
+from gptkernels.gpt.config import ACTIVATIONS, POS_EMBEDDINGS, pad_vocab
+from gptkernels.gpt.device import DTYPES, check_device_name
+from gptkernels.gpt.errors import UsageError
 
 
 @dataclass
@@ -57,7 +59,9 @@ class TrainConfig:
     compile_mode: str | None = None  # torch.compile mode: None, "max-autotune", "reduce-overhead" (CUDA graphs)
     fsdp: bool = False
     seed: int = 1337
-    verify_data: bool = True  # CRC-check every shard at start
+    verify_data: bool = True  # CRC-check every shard at start (their token ids are checked either way)
+    verify_checkpoint: bool = True  # check the checksums of the checkpoint resumed from
+    force: bool = False  # start a CPU run even when its memory estimate exceeds the available memory
     peak_tflops: float | None = None  # for MFU; default: looked up from the GPU name
     inject_nan_at: int | None = None  # testing aid: make the loss NaN at this step
 
@@ -71,30 +75,44 @@ class TrainConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
         if name not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+            raise UsageError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
         d = {**PRESETS[name], **{k: v for k, v in overrides.items()}}
         return cls(**d)
 
     def validate(self) -> None:
-        def pos(name):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        for n in ("batch_size", "max_steps", "block_size", "log_interval", "eval_interval", "ckpt_interval",
-                  "eval_samples"):
-            pos(n)
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr: expected a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
-        if self.tokens_per_step is not None and self.tokens_per_step < 1:
-            raise ValueError(f"tokens_per_step: expected a positive integer, got {self.tokens_per_step}")
-        if self.stop_at is not None and self.stop_at < 1:
-            raise ValueError(f"stop_at: expected a positive step number, got {self.stop_at}")
+        """UsageError naming the first option outside its range (LIMITS) or choices."""
+        for f in fields(self):
+            if f.name in LIMITS:
+                kind, optional = LIMITS[f.name]
+                limits.check(f.name, kind, getattr(self, f.name), optional)
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{name}: expected one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if self.n_embd % self.n_head:
+            raise UsageError(f"n_embd: {self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise UsageError(f"n_kv_head: {self.n_kv_head} does not divide n_head={self.n_head}")
+
+
+# The range of every numeric option: field -> (kind, None allowed); see gptkernels/gpt/limits.py.
+LIMITS = {
+    "n_layer": ("int>=1", False), "n_head": ("int>=1", False), "n_kv_head": ("int>=1", True),
+    "n_embd": ("int>=1", False), "block_size": ("int>=1", False), "dropout": ("[0,1)", False),
+    "pad_vocab": ("int>=1", False), "batch_size": ("int>=1", False), "tokens_per_step": ("int>=1", True),
+    "max_steps": ("int>=1", False), "lr": ("float>0", False), "min_lr_ratio": ("[0,1]", False),
+    "warmup_steps": ("int>=0", False), "weight_decay": ("float>=0", False), "beta1": ("[0,1)", False),
+    "beta2": ("[0,1)", False), "grad_clip": ("float>=0", False), "eval_interval": ("int>=1", False),
+    "eval_samples": ("int>=1", False), "sample_interval": ("int>=0", False), "sample_tokens": ("int>=0", False),
+    "log_interval": ("int>=1", False), "ckpt_interval": ("int>=1", False), "stop_at": ("int>=1", True),
+    "seed": ("int>=0", False), "peak_tflops": ("float>0", True), "inject_nan_at": ("int>=1", True),
+}
+CHOICES = {"corpus": ("stdlib", "stdlib-small"), "activation": ACTIVATIONS, "pos_embedding": POS_EMBEDDINGS,
+           "dtype": DTYPES, "backend": ("auto", "kernel", "reference"),
+           "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
 
 
 PRESETS = {

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptkernels._backend import backend
+from gptkernels._backend import backend, get_backend
 from gptkernels.gpt import data as gdata
 from gptkernels.gpt.checkpoint import CKPT_FORMAT, CKPT_VERSION, full_state_dicts, save_atomic
 from gptkernels.gpt.device import peak_flops
@@ -59,6 +59,7 @@ class TrainResult:
     val_losses: dict = field(default_factory=dict)
     checkpoint: str | None = None
     tokens_per_s: float | None = None
+    signal: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
 
 
 def train(cfg: TrainConfig, log=None) -> TrainResult:
@@ -69,6 +70,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     msg = say if d.master else (lambda s: None)
     stop_signal = {"sig": None}
     old_handlers = {}
+    get_backend()  # first use of GPTKERNELS_BACKEND (checked there); the run itself uses cfg.backend
     old_target_check = ops_loss.get_target_check()
 
     def on_signal(signum, frame):
@@ -110,6 +112,10 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path, enabled=d.master, append=run.resumed is not None)
+    # Loss records average the steps since the previous log step. A checkpoint written between log
+    # steps (an interrupt, --stop-at, --ckpt-interval) carries the partial sums, so a resumed run
+    # records the same averages as one that never stopped.
+    partial = (run.resumed or {}).get("metrics_partial") or {}
     if d.master and run.resumed is None:
         if os.path.isfile(ckpt_path):
             msg(f"note: {ckpt_path} from an earlier run will be overwritten (pass --resume to continue it)")
@@ -117,7 +123,7 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
                         "world_size": d.world, "device": str(d.device), "dtype": run.dtype})
     bar = None
 
-    def save_checkpoint(s):
+    def save_checkpoint(s, part):
         msd, osd = full_state_dicts(raw, optimizer)
         rng = gather_rng(d)
         if d.master:
@@ -126,7 +132,8 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
                 "model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "data": loader.state_dict(),
                 "rng": rng, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                 "world_size": d.world, "data_dir": os.path.abspath(run.data_dir), "tokenizer": tok.to_json_str(),
-            }, ckpt_path)
+                "metrics_partial": {"loss_sum": part[0], "micro_steps": part[1], "since_step": step_last},
+            }, ckpt_path, "the checkpoint")
         d.barrier()
 
     def evaluate():
@@ -150,7 +157,7 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
         if not d.master or cfg.fsdp:  # (FSDP: sampling not supported)
             return
         ids = [tok.eos_id] + tok.encode(cfg.sample_prompt)  # documents start with end-of-text
-        n = min(cfg.sample_tokens, mcfg.block_size - len(ids))
+        n = min(cfg.sample_tokens, mcfg.block_size - len(ids))  # (setup_run made sure there is room for one)
         if n <= 0:
             return
         with amp:
@@ -167,8 +174,11 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
     result = TrainResult(step=step, stopped="done")
     model.train()
     acc = torch.zeros(3, device=d.device, dtype=torch.float32)  # loss sum, micro-steps, non-finite count
+    if d.master and partial:
+        acc[0], acc[1] = partial["loss_sum"], partial["micro_steps"]
     last_norm = torch.zeros((), device=d.device)
-    t_last, step_last = time.perf_counter(), step
+    # step_last: the last log step (the loss window starts after it); timed_from: where tokens/s counts from
+    t_last, step_last, timed_from, paused = time.perf_counter(), int(partial.get("since_step", step)), step, 0.0
     last_good_ckpt = step if run.resumed is not None else None
     stopped = "done"
     while step < cfg.max_steps:
@@ -211,52 +221,55 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
         red = torch.cat([acc, torch.tensor([1.0 if stop_signal["sig"] is not None else 0.0], device=d.device)])
         d.all_reduce(red)
         loss_sum, n_micro, bad, sigs = red.tolist()
-        acc.zero_()
         if bad > 0 or not math.isfinite(loss_sum):
-            where = (f"the last good checkpoint is {ckpt_path} (step {last_good_ckpt})" if last_good_ckpt
-                     else "no checkpoint was written")
+            where = (f"the last good checkpoint is {ckpt_path} (step {last_good_ckpt}); to go on, resume from it "
+                     f"(--resume) with a lower --lr" if last_good_ckpt else
+                     "no checkpoint was written; try again with a lower --lr")
             raise TrainError(f"non-finite loss or gradient (loss {loss_sum / max(n_micro, 1)}) in steps "
-                             f"{step_last + 1}..{step}; stopping. {where}. Try a lower lr, or resume from the "
-                             f"checkpoint.")
-        now = time.perf_counter()
-        dt = now - t_last
-        tok_s = (step - step_last) * tps / dt if dt > 0 else float("nan")
-        t_last, step_last = now, step
-        train_loss = loss_sum / max(n_micro, 1)
-        mfu = raw.estimate_mfu(tok_s, peak, cfg.block_size) if peak else None
-        norm = float(last_norm) if cfg.grad_clip > 0 else None
-        rec = {"step": step, "loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm,
-               "tokens": step * tps, "tokens_per_s": tok_s, "mfu": mfu, "time": time.time()}
-        metrics.record(rec)
-        result.losses[step] = train_loss
-        result.tokens_per_s = tok_s
-        if bar is not None:
-            post = {"loss": f"{train_loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
-            if mfu is not None:
-                post["mfu"] = f"{100 * mfu:.1f}%"
-            bar.set_postfix(post, refresh=False)
-        elif d.master and step % cfg.log_interval == 0:
-            say(f"step {step}/{cfg.max_steps}: loss {train_loss:.4f}, lr {rec['lr']:.2e}, {tok_s:,.0f} tok/s"
-                + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+                             f"{step_last + 1}..{step}; stopping. {where}.")
+        running = loss_sum / max(n_micro, 1)
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            acc.zero_()
+            now = time.perf_counter()
+            dt = now - t_last - paused
+            tok_s = (step - timed_from) * tps / dt if dt > 0 else float("nan")
+            t_last, step_last, timed_from, paused = now, step, step, 0.0
+            train_loss = running
+            mfu = raw.estimate_mfu(tok_s, peak, cfg.block_size) if peak else None
+            norm = float(last_norm) if cfg.grad_clip > 0 else None
+            rec = {"step": step, "loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm,
+                   "tokens": step * tps, "tokens_per_s": tok_s, "mfu": mfu, "time": time.time()}
+            metrics.record(rec)
+            result.losses[step] = train_loss
+            result.tokens_per_s = tok_s
+            if bar is not None:
+                post = {"loss": f"{train_loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
+                if mfu is not None:
+                    post["mfu"] = f"{100 * mfu:.1f}%"
+                bar.set_postfix(post, refresh=False)
+            elif d.master:
+                say(f"step {step}/{cfg.max_steps}: loss {train_loss:.4f}, lr {rec['lr']:.2e}, {tok_s:,.0f} tok/s"
+                    + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+        t_pause = time.perf_counter()  # evaluation, samples and checkpoints are not training time
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             vl = evaluate()
             if vl is not None:
                 metrics.record({"step": step, "val_loss": vl})
                 result.val_losses[step] = vl
                 if d.master:
-                    _write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}", bar, say)
-            t_last = time.perf_counter()  # evaluation time is not training time
+                    _write(f"step {step}: train loss {running:.4f}, val loss {vl:.4f}", bar, say)
         if cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps:
             sample(step)
-            t_last = time.perf_counter()
         interrupted = sigs > 0
         if interrupted or step % cfg.ckpt_interval == 0 or step == cfg.max_steps or step == cfg.stop_at:
-            save_checkpoint(step)
+            logged = step_last == step
+            save_checkpoint(step, (0.0, 0.0) if logged else (loss_sum, n_micro))
             last_good_ckpt = step
             result.checkpoint = ckpt_path
-            t_last = time.perf_counter()
+        paused += time.perf_counter() - t_pause
         if interrupted:
             stopped = "interrupted"
+            result.signal = stop_signal["sig"]
             break
         if step == cfg.stop_at:
             stopped = "stop_at"

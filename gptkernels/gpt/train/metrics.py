@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 
+from gptkernels.gpt.errors import file_op
+
 
 class MetricsLog:
     """Appends records to metrics.jsonl (on the master rank; a no-op elsewhere)."""
 
     def __init__(self, path: str, enabled: bool, append: bool):
         self.path = path
-        self._f = open(path, "a" if append else "w") if enabled else None
+        with file_op("write the metrics", path):
+            self._f = open(path, "a" if append else "w", encoding="utf-8") if enabled else None
 
     def record(self, r: dict) -> None:
         if self._f:
-            self._f.write(json.dumps(r) + "\n")
-            self._f.flush()
+            with file_op("write the metrics", self.path):
+                self._f.write(json.dumps(r) + "\n")
+                self._f.flush()
 
     def close(self) -> None:
         if self._f:
@@ -27,7 +31,7 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> bool:
     """Loss curve (train and val against step) from a metrics.jsonl; the last record per step wins."""
     train, val = {}, {}
     try:
-        with open(metrics_path) as f:
+        with open(metrics_path, encoding="utf-8") as f:
             for line in f:
                 r = json.loads(line)
                 if "loss" in r:
@@ -53,6 +57,10 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(png_path, dpi=110)
+    except OSError:  # the chart is a convenience: metrics.jsonl holds the numbers
+        return False
+    finally:
+        plt.close(fig)
     return True

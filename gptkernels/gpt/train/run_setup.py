@@ -15,12 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from gptkernels.gpt import data as gdata
-from gptkernels.gpt.checkpoint import CKPT_NAME, gpt_from_checkpoint, load_checkpoint, load_full_state_dicts
+from gptkernels.gpt import fs
+from gptkernels.gpt.checkpoint import (CKPT_NAME, checkpoint_config, gpt_from_checkpoint, load_checkpoint,
+                                       load_full_state_dicts)
 from gptkernels.gpt.config import GPTConfig
 from gptkernels.gpt.device import autocast, compute_dtype, resolve_device
+from gptkernels.gpt.errors import UsageError, env_int
 from gptkernels.gpt.model import GPT
 from gptkernels.gpt.optim import CosineSchedule, adamw
 from gptkernels.gpt.tokenizer import Tokenizer
+from gptkernels.gpt.train.budget import check_budget
 from gptkernels.gpt.train.config import TrainConfig, TrainError
 
 
@@ -28,9 +32,12 @@ class Dist:
     """The process's place in a torchrun job (or a single process) and its device."""
 
     def __init__(self, device_pref: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world = env_int("WORLD_SIZE", 1, low=1)  # set by torchrun
+        self.rank = env_int("RANK", 0)
+        self.local_rank = env_int("LOCAL_RANK", 0)
+        self.local_world = env_int("LOCAL_WORLD_SIZE", 1, low=1)
+        if self.rank >= self.world:
+            raise ValueError(f"RANK: expected a rank below WORLD_SIZE={self.world}, got {self.rank}")
         self.enabled = self.world > 1
         dev = resolve_device(device_pref)
         if dev.type == "cuda":
@@ -117,27 +124,38 @@ class Run:
     amp: object  # the autocast context of the forward
 
 
-def _open_data(cfg: TrainConfig, d: Dist, ck: dict | None, msg):
-    data_dir = cfg.data
-    if data_dir is None:
-        if ck is not None and ck.get("data_dir") and os.path.isdir(ck["data_dir"]):
-            data_dir = ck["data_dir"]
-        else:  # the bundled corpus: each node's local rank 0 prepares it into the cache
-            if d.local_rank == 0:
-                gdata.default_dataset(cfg.corpus, progress=cfg.progress and d.master, log=msg)
-            d.barrier()
-            data_dir = gdata.default_dataset(cfg.corpus, progress=False, log=msg)
-    meta = gdata.load_meta(data_dir)
-    tok = Tokenizer.load(os.path.join(data_dir, meta["tokenizer"]))
+def _data_dir(cfg: TrainConfig, d: Dist, ck: dict | None, msg) -> str:
+    """--data, else the resumed run's data folder, else the bundled corpus (each node's local rank 0
+    prepares it into the cache)."""
+    if cfg.data is not None:
+        return cfg.data
+    if ck is not None and ck.get("data_dir") and os.path.isdir(ck["data_dir"]):
+        return ck["data_dir"]
+    if d.local_rank == 0:
+        gdata.default_dataset(cfg.corpus, progress=cfg.progress and d.master, log=msg)
+    d.barrier()
+    return gdata.default_dataset(cfg.corpus, progress=False, log=msg)
+
+
+def _open_splits(cfg: TrainConfig, data_dir: str, meta: dict, msg):
+    """The train split, and the val split (None when there is none, or it is shorter than one
+    sequence: then a note says how to get one). Every shard's token ids are checked against the
+    vocabulary here (and its CRC-32 with verify_data), once, naming the shard."""
     train_split = gdata.TokenSplit(data_dir, "train", cfg.block_size, verify=cfg.verify_data)
-    val_split = gdata.TokenSplit(data_dir, "val", cfg.block_size, verify=cfg.verify_data) \
-        if meta["tokens"].get("val") else None
-    return data_dir, tok, train_split, val_split
+    if not meta["tokens"].get("val"):
+        return train_split, None
+    try:
+        return train_split, gdata.TokenSplit(data_dir, "val", cfg.block_size, verify=cfg.verify_data)
+    except gdata.TooShortError as e:
+        msg(f"note: no validation: the val split has {e.n_tokens} tokens, fewer than one sequence of "
+            f"--block-size {cfg.block_size} needs ({cfg.block_size + 1}); prepare the data again with a larger "
+            f"--val-fraction (or more text) to get one")
+        return train_split, None
 
 
-def _build_model(cfg: TrainConfig, d: Dist, tok: Tokenizer, ck: dict | None, msg) -> GPT:
+def _model_config(cfg: TrainConfig, tok: Tokenizer, ck: dict | None, msg) -> GPTConfig:
     asked = GPTConfig.from_dict(cfg.model_dict(tok.vocab_size))
-    mcfg = GPTConfig.from_dict(ck["model_config"]) if ck is not None else asked
+    mcfg = checkpoint_config(ck) if ck is not None else asked
     if ck is not None:
         differ = sorted(k for k, v in asked.to_dict().items() if k != "block_size" and mcfg.to_dict().get(k) != v)
         if differ:
@@ -147,11 +165,19 @@ def _build_model(cfg: TrainConfig, d: Dist, tok: Tokenizer, ck: dict | None, msg
         raise TrainError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the tokenizer's "
                          f"({tok.vocab_size})")
     if mcfg.block_size < cfg.block_size:
-        raise TrainError(f"block_size {cfg.block_size} exceeds the checkpoint model's {mcfg.block_size}")
+        raise UsageError(f"--block-size {cfg.block_size} exceeds the checkpoint model's {mcfg.block_size}")
+    ids = tok.encode(cfg.sample_prompt)
+    if len(ids) + 2 > mcfg.block_size:  # the end-of-text token that starts a document, and one new token
+        raise UsageError(f"--sample-prompt: {len(ids)} tokens, too long for the model's context of {mcfg.block_size} "
+                         f"(at most {mcfg.block_size - 2})")
+    return mcfg
+
+
+def _build_model(cfg: TrainConfig, d: Dist, mcfg: GPTConfig, ck: dict | None) -> GPT:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = (gpt_from_checkpoint(ck) if ck is not None else GPT(mcfg)).to(d.device)
-    # The shards' ids are below the tokenizer's vocabulary (checked at prepare time and above), so the
-    # hot path skips the per-step range check of the token ids, a host sync.
+    model = (gpt_from_checkpoint(ck, os.path.join(cfg.out_dir, CKPT_NAME)) if ck is not None else GPT(mcfg)).to(d.device)
+    # Every shard's ids were checked against the vocabulary when the splits were opened, so the hot
+    # path skips the per-step range check of the token ids, a host sync.
     model.check_token_ids = False
     return model
 
@@ -160,7 +186,7 @@ def _shard(cfg: TrainConfig, model: GPT) -> None:
     """FSDP2, in place: each Block a unit, then the root."""
     from torch.distributed.fsdp import fully_shard
     if not torch.distributed.is_initialized():
-        raise TrainError("--fsdp needs torch.distributed: run under torchrun (e.g. torchrun "
+        raise UsageError("--fsdp needs torch.distributed: run under torchrun (e.g. torchrun "
                          "--nproc_per_node=8 -m gptkernels train --fsdp ...)")
     for block in model.transformer.h:
         fully_shard(block)
@@ -177,25 +203,39 @@ def _forward_module(cfg: TrainConfig, d: Dist, model: GPT) -> torch.nn.Module:
 
 
 def setup_run(cfg: TrainConfig, d: Dist, msg) -> Run:
-    """Data, model, optimizer and (with cfg.resume) the state of out_dir/ckpt.pt; see the module docstring."""
+    """Data, model, optimizer and (with cfg.resume) the state of out_dir/ckpt.pt; see the module
+    docstring. What can be checked cheaply is checked first: the output folder, the checkpoint
+    resumed from, the dataset's description, memory and disk; then the shards are read and the
+    model is built."""
+    fs.output_dir(cfg.out_dir, "--out-dir")
     ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
     ck = None
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = load_checkpoint(ckpt_path)
-    data_dir, tok, train_split, val_split = _open_data(cfg, d, ck, msg)
+        ck = load_checkpoint(ckpt_path, verify=cfg.verify_checkpoint, log=msg)
+    if ck is not None:
+        planned = checkpoint_config(ck, ckpt_path)
+    else:  # the vocabulary: from --data's meta.json, or the bundled corpus's (before preparing it)
+        vocab = gdata.load_meta(cfg.data)["vocab_size"] if cfg.data else gdata.DEFAULT_CORPORA[cfg.corpus][1]
+        planned = GPTConfig.from_dict(cfg.model_dict(vocab))
+    check_budget(cfg, planned, d.device, d.local_world, msg)
+    data_dir = _data_dir(cfg, d, ck, msg)
+    meta = gdata.load_meta(data_dir)
+    tok = gdata.load_tokenizer(data_dir, meta)
+    mcfg = _model_config(cfg, tok, ck, msg)
+    train_split, val_split = _open_splits(cfg, data_dir, meta, msg)
 
     per_micro = cfg.batch_size * cfg.block_size * d.world
     tps = cfg.tokens_per_step or per_micro
     if tps % per_micro:
-        raise ValueError(f"tokens_per_step: {tps} is not a multiple of batch_size * block_size * world_size = "
+        raise UsageError(f"tokens_per_step: {tps} is not a multiple of batch_size * block_size * world_size = "
                          f"{cfg.batch_size} * {cfg.block_size} * {d.world} = {per_micro}")
     accum = tps // per_micro
     loader = gdata.TokenBatches(train_split, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world,
                                 grad_accum=accum)
 
-    raw = _build_model(cfg, d, tok, ck, msg)
+    raw = _build_model(cfg, d, mcfg, ck)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout differs between ranks
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
