@@ -29,13 +29,8 @@ gptkernels-graph then runs the graph path's step without capturing it).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
-import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +38,6 @@ from torch import nn
 
 from benchmarks import harness
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024),
     "cpu-tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=64),
@@ -165,11 +159,6 @@ def _compile(state, mkw, device, dtype, batch: int, prompt: int, new: int, backe
     return run
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_case(model_name, batch, prompt, new, providers, device, reps, compile_backend, log=print) -> list[dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -193,10 +182,7 @@ def run_case(model_name, batch, prompt, new, providers, device, reps, compile_ba
         row = {"op": "generate", "case": case, "provider": p, "mode": "decode", "model": model_name, "batch": batch,
                "prompt": prompt, "new_tokens": new, "dtype": str(dtype).replace("torch.", ""),
                "what": "greedy generation: prefill + new tokens, whole calls"}
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        harness.reset_memory(device)
         try:
             if p.startswith("gptkernels"):
                 run = _gptkernels(state, mkw, device, dtype, p == "gptkernels-graph", new)
@@ -205,24 +191,15 @@ def run_case(model_name, batch, prompt, new, providers, device, reps, compile_ba
                 row["attn_implementation"] = getattr(hf_model.config, "_attn_implementation", None)
             else:
                 run = _compile(state, mkw, device, dtype, batch, prompt, new, compile_backend)
-            t0 = time.perf_counter()
-            run(idx, 8) if p == "hf" else run(idx)
-            _sync(device)
-            row["warmup_s"] = time.perf_counter() - t0
-            times = []
-            for _ in range(reps):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = run(idx)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            outs[p] = out.cpu()
-            row["ms"] = 1e3 * statistics.median(times)
+            warm, _ = harness.wall_clock(lambda: run(idx, 8) if p == "hf" else run(idx), 1, device)
+            row["warmup_s"] = warm[0] * 1e-3
+            times, results = harness.wall_clock(lambda: run(idx), reps, device)
+            outs[p] = results[-1].cpu()
+            row["ms"] = statistics.median(times)
             row["reps"] = reps
             row["ms_per_token"] = row["ms"] / new
             row["tokens_per_s"] = batch * new / (row["ms"] * 1e-3)
-            if cuda:
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            harness.record_peak_memory(device, row)
             target = TARGETS.get((model_name, batch)) if p == "gptkernels-graph" else None
             if target:
                 row["target_tokens_per_s"] = target
@@ -248,10 +225,7 @@ def run_case(model_name, batch, prompt, new, providers, device, reps, compile_ba
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON/CSV/PNG")
-    ap.add_argument("--quick", action="store_true", help="one timed call per provider (default 3)")
+    ap = harness.standalone_parser("benchmarks.bench_generate", __doc__, "one timed call per provider (default 3)")
     ap.add_argument("--models", default=None, help=f"comma list of {list(MODELS)} (default gpt2-124m on a GPU, "
                                                    "cpu-tiny otherwise)")
     ap.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,32; CPU 1,3)")
@@ -267,14 +241,8 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    models = [m.strip() for m in (args.models or ("gpt2-124m" if cuda else "cpu-tiny")).split(",") if m.strip()]
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for m in models:
-        if m not in MODELS:
-            ap.error(f"--models: unknown model {m!r}; expected some of {list(MODELS)}")
-    for p in providers:
-        if p not in PROVIDERS:
-            ap.error(f"--providers: unknown provider {p!r}; expected some of {list(PROVIDERS)}")
+    models = harness.comma_list(ap, "--models", "model", args.models or ("gpt2-124m" if cuda else "cpu-tiny"), MODELS)
+    providers = harness.comma_list(ap, "--providers", "provider", args.providers, PROVIDERS)
     try:
         batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1,3")).split(",") if b.strip()]
     except ValueError:
@@ -303,8 +271,7 @@ def main(argv=None) -> int:
             tgt = (f"  target {r['target_tokens_per_s']:,.0f}: {'met' if r['target_met'] else 'NOT met'}"
                    if "target_tokens_per_s" in r and cuda else "")
             print(f"  {r['case']:<34} {r['provider']:<18} {r['tokens_per_s']:>10,.0f}  {extra}{tgt}")
-    gpu = (env["gpu"] or "cpu").replace(" ", "-").replace("NVIDIA-", "").lower()
-    stem = args.stem or f"generate-{gpu}-{datetime.date.today().isoformat()}"
+    stem = args.stem or harness.output_stem("generate", env)
     paths = harness.write_results(rows, args.out, stem, env)
     print("wrote " + ", ".join(paths.values()))
     return 0

@@ -24,22 +24,16 @@ Without a GPU it runs tiny models in float32 as a smoke test of this file (the n
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import gc
 import math
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 from benchmarks import harness
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name: (config class, config kwargs, train (B, T), generate (B, prompt, new tokens))
 MODELS = {
@@ -77,29 +71,12 @@ def build(model_name: str, provider: str, device, dtype=torch.float32):
     return model, summary
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device, row):
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-
-
 def bench_train(model_name, provider, device, steps, warmup) -> dict:
     _, _, (B, T), _ = MODELS[model_name]
     cuda = device.type == "cuda"
     row = {"op": "e2e_hf", "phase": "train", "model": model_name, "provider": provider, "batch": B, "seq": T,
            "dtype": "bf16 autocast" if cuda else "float32", "what": "fwd (labels) + bwd + AdamW"}
-    _reset_memory(device)
+    harness.reset_memory(device)
     model, row["patched"] = build(model_name, provider, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
@@ -117,21 +94,15 @@ def bench_train(model_name, provider, device, steps, warmup) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    losses = [step(batches[i]) for i in range(warmup)]
-    times = []
-    for i in range(warmup, warmup + steps):
-        _sync(device)
-        t = time.perf_counter()
-        losses.append(step(batches[i]))
-        _sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
+    it = iter(batches)
+    times, losses = harness.wall_clock(lambda: step(next(it)), steps, device, warmup)
     row["time_ms"] = statistics.median(times)
     row["tokens_per_s"] = B * T / (row["time_ms"] * 1e-3)
     row["loss_first"] = float(losses[0])
     row["steps"] = steps
     if not all(math.isfinite(float(v)) for v in losses):
         row["error"] = "non-finite loss"
-    _peak(device, row)
+    harness.record_peak_memory(device, row)
     del model, opt
     return row
 
@@ -142,25 +113,19 @@ def bench_generate(model_name, provider, device, reps, warmup) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     row = {"op": "e2e_hf", "phase": "generate", "model": model_name, "provider": provider, "batch": B,
            "prompt": P, "new_tokens": N, "dtype": str(dtype).replace("torch.", ""), "what": "greedy generate"}
-    _reset_memory(device)
+    harness.reset_memory(device)
     model, row["patched"] = build(model_name, provider, device, dtype)
     model.eval()
     x = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(1)).to(device)
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=N, min_new_tokens=N, do_sample=False,
               pad_token_id=0)
-    times, out = [], None
     with torch.no_grad():
-        for i in range(warmup + reps):
-            _sync(device)
-            t = time.perf_counter()
-            out = model.generate(x, **kw)
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t) * 1e3)
+        times, outs = harness.wall_clock(lambda: model.generate(x, **kw), reps, device, warmup)
+    out = outs[-1]
     row["time_ms"] = statistics.median(times)
     row["tokens_per_s"] = B * N / (row["time_ms"] * 1e-3)
     row["tokens_head"] = out[0, P:P + 8].tolist()  # the first new tokens of row 0, to compare providers
-    _peak(device, row)
+    harness.record_peak_memory(device, row)
     del model
     return row
 
@@ -187,10 +152,7 @@ def plot(rows, path, env) -> bool:
     rows = [r for r in rows if "time_ms" in r]
     if not rows:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     phases = [p for p in PHASES if any(r["phase"] == p for r in rows)]
     models = list(dict.fromkeys(r["model"] for r in rows))
     provs = list(dict.fromkeys(r["provider"] for r in rows))
@@ -215,17 +177,12 @@ def plot(rows, path, env) -> bool:
             ax.set_ylabel(label)
             ax.set_title(f"{phase}: {label} ({env.get('gpu') or 'cpu'})", fontsize=9)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
     return True
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_hf", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON/CSV/PNG")
-    ap.add_argument("--quick", action="store_true", help="fewer timed steps")
+    ap = harness.standalone_parser("benchmarks.e2e_hf", __doc__, "fewer timed steps")
     ap.add_argument("--models", default=None, help=f"comma list of {list(MODELS)} (default: gpt2-124m,llama-125m "
                                                    "on a GPU, the tiny ones otherwise)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {list(PROVIDERS)}")
@@ -238,15 +195,10 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    models = [m.strip() for m in (args.models or ("gpt2-124m,llama-125m" if cuda else "gpt2-tiny,llama-tiny"))
-              .split(",") if m.strip()]
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    for name, given, valid in (("models", models, MODELS), ("providers", providers, PROVIDERS),
-                               ("phases", phases, PHASES)):
-        bad = [x for x in given if x not in valid]
-        if bad or not given:
-            ap.error(f"--{name}: unknown {bad or 'empty list'}; expected some of {list(valid)}")
+    models = harness.comma_list(ap, "--models", "model",
+                                args.models or ("gpt2-124m,llama-125m" if cuda else "gpt2-tiny,llama-tiny"), MODELS)
+    providers = harness.comma_list(ap, "--providers", "provider", args.providers, PROVIDERS)
+    phases = harness.comma_list(ap, "--phases", "phase", args.phases, PHASES)
     steps = args.steps or (2 if not cuda else 4 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if not cuda else 2 if args.quick else 3)
     if not cuda:
@@ -277,8 +229,7 @@ def main(argv=None) -> int:
     for r in rows:
         if "warning" in r:
             print(f"  warning ({r['model']} {r['phase']} {r['provider']}): {r['warning']}")
-    gpu = (env["gpu"] or "cpu").replace(" ", "-").replace("NVIDIA-", "").lower()
-    stem = args.stem or f"e2e-hf-{gpu}-{datetime.date.today().isoformat()}"
+    stem = args.stem or harness.output_stem("e2e-hf", env)
     paths = harness.write_results(rows, args.out, stem, env)
     png = os.path.join(args.out, stem + ".png")
     if plot(rows, png, env):

@@ -31,9 +31,7 @@ compile 179K (12.4 GiB).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
 import gc
 import math
 import os
@@ -49,8 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import harness
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 MODELS = {
     # name: (GPTConfig kwargs, micro-batch)
@@ -151,10 +147,7 @@ def run_provider(provider: str, model_name: str, init_state: dict, flops_per_tok
     cuda = device.type == "cuda"
     row = {"op": "e2e_train", "case": f"{model_name} B{B} T{T}", "provider": provider, "mode": "fwd+bwd", "what": "training step: loader + H2D + fwd + bwd + AdamW",
            "model": model_name, "batch": B, "seq": T, "dtype": "bfloat16" if cuda else "float32"}
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    harness.reset_memory(device)
     torch._dynamo.reset()
     caught = []
     with warnings.catch_warnings(record=True) as caught:
@@ -211,8 +204,7 @@ def run_provider(provider: str, model_name: str, init_state: dict, flops_per_tok
     peak = peak_flops(device)
     if peak:
         row["mfu"] = row["tokens_per_s"] * flops_per_token / peak
-    if cuda:
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    harness.record_peak_memory(device, row)
     ls = torch.stack(losses).float().cpu().tolist()
     row["loss_first"], row["loss_last"] = ls[0], ls[-1]
     if not all(math.isfinite(v) for v in ls):
@@ -247,10 +239,7 @@ def add_ratios(rows):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_train", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON/CSV/PNG")
-    ap.add_argument("--quick", action="store_true", help="fewer timed steps")
+    ap = harness.standalone_parser("benchmarks.e2e_train", __doc__, "fewer timed steps")
     ap.add_argument("--models", default=None, help=f"comma list of {list(MODELS)} (default: the two GPT-2 sizes on "
                                                    "a GPU, cpu-tiny otherwise)")
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma list of {list(PROVIDERS)}")
@@ -263,14 +252,9 @@ def main(argv=None) -> int:
     from gptkernels import GPT, GPTConfig
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    models = [m.strip() for m in (args.models or ("gpt2-124m,gpt2-350m" if cuda else "cpu-tiny")).split(",") if m]
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for m in models:
-        if m not in MODELS:
-            ap.error(f"--models: unknown model {m!r}; expected some of {list(MODELS)}")
-    for p in providers:
-        if p not in PROVIDERS:
-            ap.error(f"--providers: unknown provider {p!r}; expected some of {list(PROVIDERS)}")
+    models = harness.comma_list(ap, "--models", "model", args.models or ("gpt2-124m,gpt2-350m" if cuda else "cpu-tiny"),
+                                MODELS)
+    providers = harness.comma_list(ap, "--providers", "provider", args.providers, PROVIDERS)
     steps = args.steps or (3 if not cuda else 10 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if not cuda else 3 if args.quick else 5)
     if not cuda:
@@ -306,8 +290,7 @@ def main(argv=None) -> int:
                   + (f"  peak {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""))
         if "warning" in r:
             print(f"  warning: {r['warning']}")
-    gpu = (env["gpu"] or "cpu").replace(" ", "-").replace("NVIDIA-", "").lower()
-    stem = args.stem or f"e2e-train-{gpu}-{datetime.date.today().isoformat()}"
+    stem = args.stem or harness.output_stem("e2e-train", env)
     paths = harness.write_results(rows, args.out, stem, env)
     print("wrote " + ", ".join(paths.values()))
     return 0

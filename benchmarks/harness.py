@@ -12,8 +12,10 @@ Each provider is a factory: called once per case, it allocates inputs and return
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
+import gc
 import json
 import os
 import platform
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclass
@@ -211,10 +214,7 @@ def plot_op(rows, op, path, env) -> bool:
     rows = [r for r in rows if "ms" in r]
     if not rows:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metric = next(m for m in ("tflops", "gbps", "tokens_per_s", "ms") if m == "ms" or m in rows[0])
     label = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s", "ms": "ms"}[metric]
     present = list(dict.fromkeys(r["mode"] for r in rows))
@@ -242,7 +242,83 @@ def plot_op(rows, op, path, env) -> bool:
             ax.set_yscale("log")
         ax.set_title(f"{op} {mode} ({env.get('gpu') or 'cpu'}, torch {env.get('torch')})", fontsize=9)
         ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    pyplot().close(fig)
+
+
+# ---- standalone benchmarks (e2e_train.py, e2e_hf.py, bench_generate.py) ----------------------------
+
+def standalone_parser(module: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The command line the standalone benchmarks share: --out and --quick (each adds its own options,
+    --stem last; see output_stem)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=RESULTS, help="folder for JSON/CSV/PNG")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap
+
+
+def comma_list(ap: argparse.ArgumentParser, flag: str, what: str, value: str, valid) -> list[str]:
+    """The items of a comma list option, each one of `valid`; ap.error (exit 2, a message naming the
+    option) for an unknown one or an empty list."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    for x in items:
+        if x not in valid:
+            ap.error(f"{flag}: unknown {what} {x!r}; expected some of {list(valid)}")
+    if not items:
+        ap.error(f"{flag}: empty list; expected some of {list(valid)}")
+    return items
+
+
+def output_stem(prefix: str, env: dict) -> str:
+    """<prefix>-<gpu>-<date>, e.g. e2e-train-h200-2025-01-31 (cpu without a GPU)."""
+    gpu = (env["gpu"] or "cpu").replace(" ", "-").replace("NVIDIA-", "").lower()
+    return f"{prefix}-{gpu}-{datetime.date.today().isoformat()}"
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device: torch.device):
+    """Free what the last row left behind and restart the peak-memory count."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def record_peak_memory(device: torch.device, row: dict):
+    """row["peak_mem_gib"]: torch.cuda.max_memory_allocated since reset_memory (nothing on the CPU)."""
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def wall_clock(fn: Callable[[], object], reps: int, device: torch.device, warmup: int = 0) -> tuple[list, list]:
+    """Call fn() warmup + reps times, the device synchronised before and after each call (whole
+    generate calls / training steps, host work included). Returns (milliseconds of the last reps
+    calls, results of all calls)."""
+    times, results = [], []
+    for i in range(warmup + reps):
+        sync(device)
+        t = time.perf_counter()
+        results.append(fn())
+        sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t) * 1e3)
+    return times, results

@@ -7,7 +7,6 @@ A bench file without cases() (bench_generate.py) is standalone: it is named and 
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import importlib
 import os
@@ -28,7 +27,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the short grid (what tools/device_check.sh runs)")
     ap.add_argument("--ops", default=",".join(available_ops()), help=f"comma list of {available_ops()}")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=harness.RESULTS)
     ap.add_argument("--stem", default=None, help="output file stem (default bench-<gpu>-<date>)")
     ap.add_argument("--modes", default=None, help=f"comma list of {harness.MODES} to time (default: each case's own)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -55,8 +54,7 @@ def main(argv=None):
                 if not case.modes:
                     continue
             rows += harness.run_case(case, warmup=args.warmup, rep=args.rep)
-    gpu = (env["gpu"] or "cpu").replace(" ", "-").replace("NVIDIA-", "").lower()
-    stem = args.stem or f"bench-{gpu}-{datetime.date.today().isoformat()}"
+    stem = args.stem or harness.output_stem("bench", env)
     paths = harness.write_results(rows, args.out, stem, env)
     print("wrote " + ", ".join(paths.values()))
     return 0

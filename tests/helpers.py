@@ -1,4 +1,4 @@
-"""Shared test helpers: tolerances derived from the dtype, NaN poisoning, op lists."""
+"""Shared test helpers: tolerances derived from the dtype, NaN poisoning, op lists, a tiny GPT."""
 import torch
 
 from gptkernels._selftest.rule import UNIT_ROUNDOFF  # noqa: F401  (the error of one rounding, relative)
@@ -29,3 +29,19 @@ def assert_close(actual, expected, atol, rtol, name="output"):
     """Compare with torch.testing.assert_close, naming the tensor in the message."""
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol,
                                msg=lambda m: f"{name}: {m}")
+
+
+def peaked_gpt(vocab_size: int, block_size: int, **kw):
+    """A tiny seed-0 GPT in eval mode (2 layers, 4 heads, 32 wide unless kw says otherwise) whose block
+    weights are 4x the init: peaked, varied next-token distributions for the generation tests."""
+    from gptkernels import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    d = dict(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=4, n_embd=32)
+    d.update(kw)
+    model = GPT(GPTConfig(**d))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("transformer.h."):
+                p.mul_(4.0)
+    return model.eval()

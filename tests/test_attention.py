@@ -438,6 +438,19 @@ def assert_2x(name, got, ref, base, dtype):
     assert e <= bound, f"{name}: kernel error {e:.3e} > bound {bound:.3e} (2 x PyTorch {dtype} error + EPS)"
 
 
+def assert_fwd_matches_ref(out, lse, q, k, v, causal, scale, layout, kv_lens, dtype):
+    """out by FlashAttention's rule (assert_2x) and lse (no NaN, the same -inf rows, within 1e-3 x
+    max(1, |lse|)) against attention_ref on q, k, v (k, v: what the reference sees)."""
+    ref, lse_ref = A.attention_ref(q, k, v, causal, scale, layout, kv_lens, upcast=True)
+    base, _ = A.attention_ref(q, k, v, causal, scale, layout, kv_lens, upcast=False)
+    assert_2x("out", out, ref, base, dtype)
+    assert not lse.isnan().any(), "lse: NaN"
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf rows differ"
+    fin = torch.isfinite(lse_ref)
+    if fin.any():
+        assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item()), "lse"
+
+
 def run_kernel_fwd(q, k, v, causal, scale, layout, kv_lens=None, decode=False):
     op = torch.ops.gptkernels.flash_attn_decode if decode else torch.ops.gptkernels.flash_attn_fwd
     args = (q, k, v, causal, scale, layout, kv_lens) + (() if decode else (False,))
@@ -449,15 +462,9 @@ def check_fwd(B, Hq, Hkv, Sq, Sk, D, dtype, causal, layout="bhsd", kv_lens=None,
     q, k, v = qkv if qkv is not None else rand_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda", layout)
     scale = 1.0 / math.sqrt(D)
     out, lse = run_kernel_fwd(q, k, v, causal, scale, layout, kv_lens, decode)
-    ref, lse_ref = A.attention_ref(q, k, v, causal, scale, layout, kv_lens, upcast=True)
-    base, _ = A.attention_ref(q, k, v, causal, scale, layout, kv_lens, upcast=False)
     assert out.shape == q.shape and out.is_contiguous() and out.dtype == dtype
     assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
-    assert_2x("out", out, ref, base, dtype)
-    assert not lse.isnan().any(), "lse: NaN"
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf rows differ"
-    fin = torch.isfinite(lse_ref)
-    assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item() if fin.any() else 1.0)
+    assert_fwd_matches_ref(out, lse, q, k, v, causal, scale, layout, kv_lens, dtype)
     return out, lse
 
 
@@ -554,12 +561,7 @@ def test_kv_cache_decode(decode, dtype, D, sq, hq, hkv, attn_impl):
     scale = 1.0 / math.sqrt(D)
     for causal in (False, True):
         out, lse = run_kernel_fwd(q, k, v, causal, scale, "bshd", kv_lens, decode)
-        ref, lse_ref = A.attention_ref(q, kr, vr, causal, scale, "bshd", kv_lens, upcast=True)
-        base, _ = A.attention_ref(q, kr, vr, causal, scale, "bshd", kv_lens, upcast=False)
-        assert_2x("out", out, ref, base, dtype)
-        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
-        fin = torch.isfinite(lse_ref)
-        assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item())
+        assert_fwd_matches_ref(out, lse, q, kr, vr, causal, scale, "bshd", kv_lens, dtype)
 
 
 @pytest.mark.cuda
@@ -580,12 +582,7 @@ def test_split_kv_cache_far_below_capacity(D, sq, hq, hkv):
     scale = 1.0 / math.sqrt(D)
     for causal in (False, True):
         out, lse = run_kernel_fwd(q, k, v, causal, scale, "bshd", kv_lens, decode=True)
-        ref, lse_ref = A.attention_ref(q, k, v, causal, scale, "bshd", kv_lens, upcast=True)
-        base, _ = A.attention_ref(q, k, v, causal, scale, "bshd", kv_lens, upcast=False)
-        assert_2x("out", out, ref, base, dtype)
-        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
-        fin = torch.isfinite(lse_ref)
-        assert max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item())
+        assert_fwd_matches_ref(out, lse, q, k, v, causal, scale, "bshd", kv_lens, dtype)
 
 
 @pytest.mark.cuda

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from emulator import harness
-from emulator.harness import DTYPE_CODE, DTYPES, Case, assert_path, bind, check, huge_view, poison, ptr
+from emulator.harness import DTYPE_CODE, DTYPES, Case, assert_path, bhsd_strides, bind, check, huge_view, poison, ptr
 
 
 # ---- cases ------------------------------------------------------------------------------------------
@@ -170,13 +170,6 @@ CASES = _attention_cases()
 
 # ---- attention ---------------------------------------------------------------------------------------------------
 
-def _bhsd_strides(t, layout):
-    """(batch, head, row) element strides of t viewed in (B, H, S, D) order, 0 for size-1 dims (as the
-    binding passes them)."""
-    tb = t if layout == "bhsd" else t.transpose(1, 2)
-    return [tb.stride(i) if tb.size(i) != 1 else 0 for i in range(3)]
-
-
 def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_lens=None, decode=False, bwd=False,
                   deterministic=False, with_dlse=False, huge_kv_batch_stride=0, head_splits=0, schedules=(),
                   expect_splits=None, expect_head_splits=None, expect_dq_splits=None):
@@ -215,7 +208,7 @@ def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_l
     lse = poison(torch.empty(B, Hq, Sq))
     vp = ctypes.c_void_p
     ptrs = (vp * 4)(*[t.data_ptr() for t in (q, k, v, out)])
-    strides = (ctypes.c_int64 * 12)(*sum((_bhsd_strides(t, layout) for t in (q, k, v, out)), []))
+    strides = (ctypes.c_int64 * 12)(*sum((bhsd_strides(t, layout) for t in (q, k, v, out)), []))
     dims = (ctypes.c_int * 8)(B, Hq, Hkv, Sq, Sk, D, int(causal), DTYPE_CODE[dt])
     n_sms = lib.gptk_emu_num_sms()
     args = (ptrs, strides, ptr(lse), ptr(kl), dims, ctypes.c_float(scale))
@@ -232,14 +225,7 @@ def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_l
         check(lib, bind(lib, "emu_flash_fwd", ctypes.c_int, *fargs)(*args), "flash_fwd")
     kr = k if kl is None else k.nan_to_num(0.0)  # (the reference masks keys past kv_lens)
     vr = v if kl is None else v.nan_to_num(0.0)
-    ref, lse_ref = A.attention_ref(q, kr, vr, causal, scale, layout, kl, upcast=True)
-    base, _ = A.attention_ref(q, kr, vr, causal, scale, layout, kl, upcast=False)
-    ta.assert_2x("out", out, ref, base, dt)
-    assert not lse.isnan().any(), "lse: NaN"
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf rows differ"
-    fin = torch.isfinite(lse_ref)
-    if fin.any():
-        assert ta.max_err(lse[fin], lse_ref[fin]) <= 1e-3 * max(1.0, lse_ref[fin].abs().max().item()), "lse"
+    ta.assert_fwd_matches_ref(out, lse, q, kr, vr, causal, scale, layout, kl, dt)
     if decode and Sq * (Hq // Hkv) <= 16:
         assert_path(lib, r"flash_decode_kernel", True)
     else:
@@ -250,7 +236,7 @@ def run_attention(lib, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout="bhsd", kv_l
     dlse = torch.randn(B, Hq, Sq) if with_dlse else None
     dq, dk, dv = (poison(torch.empty_like(t)) for t in (q, k, v))
     bptrs = (vp * 8)(*[t.data_ptr() for t in (q, k, v, out, dout, dq, dk, dv)])
-    bstrides = (ctypes.c_int64 * 24)(*sum((_bhsd_strides(t, layout) for t in (q, k, v, out, dout, dq, dk, dv)), []))
+    bstrides = (ctypes.c_int64 * 24)(*sum((bhsd_strides(t, layout) for t in (q, k, v, out, dout, dq, dk, dv)), []))
     bdims = (ctypes.c_int * 10)(B, Hq, Hkv, Sq, Sk, D, int(causal), DTYPE_CODE[dt], int(deterministic), 1)
     bargs = (bptrs, bstrides, ptr(lse), ptr(dlse), bdims, ctypes.c_float(scale))
     # query-head slices per GQA group: forced by the case, else the launcher's choice for n_sms

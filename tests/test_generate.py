@@ -8,21 +8,14 @@ import torch
 
 import gptkernels
 from gptkernels import GPT, GPTConfig
+from helpers import peaked_gpt
 from gptkernels.gpt.generate import KVCache, pad_prompts, sample_next
 
 V = 53
 
 
 def tiny_model(**kw):
-    torch.manual_seed(0)
-    d = dict(vocab_size=V, block_size=40, n_layer=2, n_head=4, n_embd=32)
-    d.update(kw)
-    model = GPT(GPTConfig(**d))
-    with torch.no_grad():  # larger block weights than the init: peaked, varied next-token distributions
-        for name, p in model.named_parameters():
-            if name.startswith("transformer.h."):
-                p.mul_(4.0)
-    return model.eval()
+    return peaked_gpt(V, 40, **kw)
 
 
 def argmax_decode(model, idx, n):

@@ -10,6 +10,7 @@ import torch
 
 import gptkernels
 from gptkernels import GPT, GPTConfig
+from helpers import peaked_gpt
 from gptkernels.gpt import cuda_graph
 from gptkernels.gpt.decode import Sampling, batch_bucket, capacity_bucket, decode_loop, draw_uniforms, sample_tokens
 from gptkernels.gpt.generate import generate, pad_prompts
@@ -18,15 +19,7 @@ V = 61
 
 
 def tiny_model(**kw):
-    torch.manual_seed(0)
-    d = dict(vocab_size=V, block_size=96, n_layer=2, n_head=4, n_embd=32)
-    d.update(kw)
-    model = GPT(GPTConfig(**d))
-    with torch.no_grad():  # peaked, varied next-token distributions
-        for name, p in model.named_parameters():
-            if name.startswith("transformer.h."):
-                p.mul_(4.0)
-    return model.eval()
+    return peaked_gpt(V, 96, **kw)
 
 
 def static(model, idx, n, **kw):

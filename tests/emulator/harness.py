@@ -135,6 +135,13 @@ def assert_path(lib, pattern: str, want_vec: bool):
             assert v == want_vec, f"expected the {'vectorised' if want_vec else 'scalar'} path, ran: {ln}"
 
 
+def bhsd_strides(t, layout):
+    """(batch, head, row) element strides of t viewed in (B, H, S, D) order (layout "bhsd" or "bshd"),
+    0 for size-1 dims (as the bindings pass them)."""
+    tb = t if layout == "bhsd" else t.transpose(1, 2)
+    return [tb.stride(i) if tb.size(i) != 1 else 0 for i in range(3)]
+
+
 def buffer(shape, dtype, offset=0, gen=None, fill="randn", scale=1.0):
     """A tensor of `shape` that is the tail of an exactly-sized allocation (so ASan sees an overrun
     of its end), starting `offset` elements in (offset 1 misaligns it)."""
