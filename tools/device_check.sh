@@ -95,7 +95,7 @@ fi
 
 if [ -n "$FAILED_FAMILIES" ]; then
   declare -A FAMILY_TESTS=([bias_act]=tests/test_activation.py [layer_norm]=tests/test_layernorm.py
-    [cross_entropy]=tests/test_cross_entropy.py [linear_cross_entropy]=tests/test_cross_entropy.py
+    [cross_entropy]=tests/test_loss.py [linear_cross_entropy]=tests/test_loss.py
     [mlp]=tests/test_mlp.py [attention]=tests/test_attention.py)
   FILES=()
   for f in $FAILED_FAMILIES; do

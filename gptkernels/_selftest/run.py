@@ -194,7 +194,7 @@ def run_args(args) -> int:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Add the `selftest` subcommand to an argparse subparsers object (gptkernels.cli)."""
+    """Add the `selftest` subcommand to an argparse subparsers object (gptkernels.gpt.cli)."""
     p = sub.add_parser("selftest", help="check every kernel family against its reference on this GPU",
                        description=DESCRIPTION)
     add_arguments(p)
