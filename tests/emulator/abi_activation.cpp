@@ -2,7 +2,7 @@
 // (tests/test_emulated_activation.py loads it with ctypes). Built only into the emulator library.
 #include "activation/bias_act.h"
 
-#define GPTK_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+#include "abi.h"
 
 GPTK_EMU_EXPORT int emu_bias_act_forward(const void* x, const void* bias, void* y, int64_t rows, int64_t cols,
                                          int dtype, int act) {

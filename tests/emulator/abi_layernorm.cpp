@@ -2,7 +2,7 @@
 // (tests/test_emulated_layernorm.py loads it with ctypes). Built only into the emulator library.
 #include "layernorm/layer_norm.h"
 
-#define GPTK_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+#include "abi.h"
 
 GPTK_EMU_EXPORT int emu_layer_norm_forward(const void* x, const void* residual, const void* weight, const void* bias,
                                            void* y, void* s_out, float* mean, float* rstd, int64_t rows, int64_t cols,

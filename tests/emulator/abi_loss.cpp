@@ -4,7 +4,7 @@
 #include "elementwise.h"
 #include "loss/cross_entropy.h"
 
-#define GPTK_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+#include "abi.h"
 
 GPTK_EMU_EXPORT int emu_ce_prepare(const void* target, int target_int64, int64_t rows, int64_t vocab,
                                    int64_t ignore_index, int64_t* status) {

@@ -248,7 +248,7 @@ def build(families=None, root: Path = ROOT, build_dir: Path | None = None, jobs:
             objs.append(o)
         if abi is not None:
             abi_src = HERE / abi
-            o = obj_dir / f"{Path(abi).stem}-{_hash(common, abi_src.read_text())}.o"
+            o = obj_dir / f"{Path(abi).stem}-{_hash(common, (HERE / 'abi.h').read_text(), abi_src.read_text())}.o"
             jobs_list[o] = (abi_src, False, KERNEL_OPT)
             objs.append(o)
         fam_objs[f] = objs
