@@ -13,7 +13,8 @@ import dataclasses
 import os
 import sys
 
-from gptkernels.gpt.cli_args import Help as _Help, Parser as _Parser, device as _device, num as _num, text as _text
+from gptkernels.gpt.cli_args import (Help as _Help, Parser as _Parser, device as _device, num as _num, text as _text,
+                                     window as _window)
 from gptkernels.gpt.device import DEVICE_HELP
 from gptkernels.gpt.errors import UsageError, cli_error, describe, env_flag
 
@@ -89,6 +90,11 @@ _TRAIN_HELP = {
     "n_embd": "model width", "block_size": "context length T", "dropout": "dropout probability",
     "bias": "biases in Linear and LayerNorm", "activation": "MLP activation",
     "pos_embedding": "position embedding", "tie_embeddings": "share the LM head with the token embedding",
+    "window": "sliding-window attention: W (every layer: a token sees itself and the W before it), or a "
+              "comma-separated list with one entry per layer, -1 or global = full causal attention",
+    "attn_softcap": "cap the attention scores at c * tanh(s / c) (0: off)",
+    "document_masking": "attend within each document only (documents start at the end-of-text token; a "
+                        "document split across rows is two), positions restart per document",
     "pad_vocab": "pad the vocabulary to a multiple of this (1: no padding)",
     "batch_size": "sequences per micro-batch per process",
     "tokens_per_step": "global tokens per optimizer step (gradient accumulation makes up the rest)",
@@ -150,7 +156,8 @@ def _add_train(sub):
         elif isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:  # text: the sample prompt and the device must be valid UTF-8; paths may be any bytes
-            p.add_argument(flag, type={"sample_prompt": _text, "device": _device}.get(f.name, str), **kw)
+            p.add_argument(flag, type={"sample_prompt": _text, "device": _device, "window": _window}.get(f.name, str),
+                           **kw)
     p.set_defaults(fn=_cmd_train)
 
 

@@ -46,3 +46,23 @@ def device(s: str) -> str:
         return check_device_name(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def window(s: str):
+    """--window: W (every layer), or a comma-separated list with one entry per layer; -1 or
+    "global": full causal attention. The number of entries is checked against --n-layer later
+    (TrainConfig.validate)."""
+    def entry(e: str) -> int:
+        e = e.strip().lower()
+        if e in ("global", "-1"):
+            return -1
+        if not e.isdigit():
+            raise ValueError(e)
+        return int(e)
+
+    try:
+        parts = [entry(e) for e in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a window W >= 0, -1 or global, or a comma-separated list of "
+                                         f"them with one per layer, got {s!r}") from None
+    return parts[0] if len(parts) == 1 else parts

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # GPT-2 uses gelu_tanh; "gelu" is the exact (erf) GELU
@@ -14,6 +15,28 @@ def pad_vocab(vocab_size: int, multiple: int = 64) -> int:
     if multiple and multiple > 1:
         return (vocab_size + multiple - 1) // multiple * multiple
     return vocab_size
+
+
+def check_window(window, n_layer: int, name: str = "window"):
+    """The canonical form of a sliding-window setting: None (every layer global), an int W >= 0
+    (every layer local), or a list of n_layer ints (-1: global, W >= 0: local); -1 alone and a list
+    entry None mean global. ValueError naming `name` for anything else."""
+    def entry(v):
+        if v is None:
+            return -1
+        if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+            raise ValueError(f"{name}: expected None, -1 (global) or a window W >= 0 per layer, got {v!r}")
+        return v
+
+    if isinstance(window, (list, tuple)):
+        if len(window) != n_layer:
+            raise ValueError(f"{name}: expected one entry per layer ({n_layer}), got {len(window)}: {list(window)!r}")
+        out = [entry(v) for v in window]
+        return None if all(v == -1 for v in out) else out
+    if window is None or isinstance(window, int) and not isinstance(window, bool):
+        return None if entry(window) == -1 else window
+    raise ValueError(f"{name}: expected None, an int W >= 0 (every layer) or a list of one entry per layer, "
+                     f"got {window!r}")
 
 
 @dataclass
@@ -32,6 +55,10 @@ class GPTConfig:
     activation: str = "gelu_tanh"  # MLP activation: "gelu_tanh" (GPT-2), "gelu" (exact erf) or "relu"
     tie_embeddings: bool = True  # the LM head shares the token embedding's weight
     layer_norm_eps: float = 1e-5
+    # Sliding-window attention: None (every layer global), an int W (every layer local: a token sees
+    # itself and the W tokens before it), or a list with one entry per layer (-1 or None: global).
+    window: int | list | None = None
+    attn_softcap: float = 0.0  # scores become c * tanh(s / c) before the softmax (Gemma 2); 0: off
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -50,10 +77,21 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.pos_embedding: expected one of {POS_EMBEDDINGS}, got {self.pos_embedding!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        self.window = check_window(self.window, self.n_layer, "GPTConfig.window")
+        c = self.attn_softcap
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"GPTConfig.attn_softcap: expected a finite number >= 0 (0: off), got {c!r}")
+        self.attn_softcap = float(c)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def layer_window(self, layer: int) -> int:
+        """The left window of a layer's attention: -1 (global) or W (keys i - W .. i)."""
+        if self.window is None or isinstance(self.window, int):
+            return -1 if self.window is None else self.window
+        return self.window[layer]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ On a CUDA device with the extension built, the ops run their kernels; anywhere e
   GPT.from_pretrained(dir)       a Hugging Face GPT-2 checkpoint directory (hf_gpt2.py; local files only)
   model(idx)                     -> (logits (B, T, V), None)                        inference
   model(idx, targets)            -> (None, loss)                                    training
+  model(idx, targets, docs=docs) the same with document masking (gptkernels/gpt/documents.py)
   model.generate(idx, n, ...)    sampling with a preallocated KV cache, CUDA graphs on a GPU (generate.py)
 
 The block is the pre-norm residual pattern with each residual add fused into the LayerNorm that
@@ -26,6 +27,9 @@ one of the previous layout, in which a block applied the next block's ln_1.
 
 Attention: one Linear makes q|k|v, shape (B, T, (H + 2*Hkv) * D); viewed as (B, T, H + 2*Hkv, D)
 its head slices are q, k, v in the "bshd" layout, handed to flash_attention without a copy.
+Each layer's window (config.window: sliding-window attention, (W, 0) with causal) and the score
+softcap (config.attn_softcap) go to every attention call, generation's included. With document
+masking the same views, read as (B*T, heads, D), go to flash_attention_varlen.
 
 The loss: with targets, the LM head and the cross-entropy run together in
 gptkernels.ops.linear_cross_entropy, in chunks of rows, so the (B*T, vocab) logits and their
@@ -44,9 +48,11 @@ from gptkernels.gpt import hf_gpt2
 from gptkernels.gpt.config import GPTConfig
 from gptkernels.gpt import cuda_graph
 from gptkernels.gpt.decode import KVCache
+from gptkernels.gpt.documents import Documents, check_documents
 from gptkernels.gpt.generate import generate
 from gptkernels.nn.functional import add_layer_norm, flash_attention, linear_act, linear_cross_entropy
 from gptkernels.nn.modules import FusedMLP, LayerNorm
+from gptkernels.ops import flash_attention_varlen
 
 
 def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
@@ -64,25 +70,36 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = (config.layer_window(layer_idx), 0)  # (left, right): causal, -1 = unbounded
+        self.softcap = config.attn_softcap
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # q | k | v, GPT-2's fused layout
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None):
+    def forward(self, x, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
+                docs: Documents | None = None):
         """x (B, T, C). With a cache (begun for this forward, see KVCache.begin): store this chunk's
         k, v; when cache_pos (B,) is given the chunk starts at position cache_pos[b] and attends to
         the cache's first cache_pos[b] + T keys (causal, bottom-right aligned); without it the chunk
-        is positions 0..T-1."""
+        is positions 0..T-1. With docs: the B*T tokens are the sequences of docs.cu_seqlens, each
+        attending only within itself (document masking)."""
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        qkv = linear_act(x, self.c_attn.weight, self.c_attn.bias).view(B, T, H + 2 * Hkv, self.head_dim)
-        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)  # views in the "bshd" layout, no copies
+        qkv = linear_act(x, self.c_attn.weight, self.c_attn.bias)
+        if docs is not None:  # (B*T, heads, D) views of the packed tokens, no copies
+            q, k, v = qkv.view(B * T, H + 2 * Hkv, self.head_dim).split([H, Hkv, Hkv], dim=1)
+            cu = docs.cu_seqlens
+            y, _ = flash_attention_varlen(q, k, v, cu, cu, docs.max_seqlen, docs.max_seqlen, causal=True,
+                                          window=self.window, softcap=self.softcap, check_inputs=False)
+            return linear_act(y.reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
+        q, k, v = qkv.view(B, T, H + 2 * Hkv, self.head_dim).split([H, Hkv, Hkv], dim=2)  # "bshd" views
         kv_lens = None
         if cache is not None:
             kc, vc = cache.write(self.layer_idx, k, v)
             if cache_pos is not None:
                 k, v, kv_lens = kc, vc, cache.kv_lens
-        y, _ = flash_attention(q, k, v, causal=True, layout="bshd", kv_lens=kv_lens)
+        y, _ = flash_attention(q, k, v, causal=True, layout="bshd", kv_lens=kv_lens, window=self.window,
+                               softcap=self.softcap)
         return linear_act(y.reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
 
@@ -98,7 +115,8 @@ class Block(nn.Module):
         self.mlp = FusedMLP(config.n_embd, 4 * config.n_embd, activation=config.activation, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, hidden, residual=None, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None):
+    def forward(self, hidden, residual=None, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
+                docs: Documents | None = None):
         """hidden: the previous block's MLP output (or, with residual None, the embeddings: the
         first block); residual: the residual stream before it. Returns this block's MLP output and
         the residual stream it has not been added to yet."""
@@ -106,7 +124,7 @@ class Block(nn.Module):
             residual, h = hidden, self.ln_1(hidden)
         else:
             residual, h = add_layer_norm(residual, hidden, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
-        residual, h = add_layer_norm(residual, self.drop(self.attn(h, cache, cache_pos)), self.ln_2.weight,
+        residual, h = add_layer_norm(residual, self.drop(self.attn(h, cache, cache_pos, docs)), self.ln_2.weight,
                                      self.ln_2.bias, self.ln_2.eps)
         return self.drop(self.mlp(h)), residual
 
@@ -209,11 +227,15 @@ class GPT(nn.Module):
             return self.transformer.drop(tok + self.transformer.wpe(positions))
         return self.transformer.drop(tok * self.emb_scale + self.pos_enc[positions].to(tok.dtype))
 
-    def hidden_states(self, idx, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None):
+    def hidden_states(self, idx, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
+                      docs: Documents | None = None):
         """The final LayerNorm's output (B, T, C). With cache_pos (B,), sequence b's tokens sit at
-        positions cache_pos[b], cache_pos[b] + 1, ... (generation); otherwise at 0..T-1."""
+        positions cache_pos[b], cache_pos[b] + 1, ... (generation); with docs at docs.positions
+        (document masking); otherwise at 0..T-1."""
         T = idx.shape[1]
-        if cache_pos is None:
+        if docs is not None:
+            positions = docs.positions
+        elif cache_pos is None:
             positions = torch.arange(T, device=idx.device)
         else:
             positions = cache_pos[:, None] if T == 1 else cache_pos[:, None] + torch.arange(T, device=idx.device)
@@ -221,7 +243,7 @@ class GPT(nn.Module):
             cache.begin(cache_pos, T)  # the KV write indices and kv_lens, once for every layer
         hidden, residual = self._embed(idx, positions), None
         for block in self.transformer.h:
-            hidden, residual = block(hidden, residual, cache, cache_pos)
+            hidden, residual = block(hidden, residual, cache, cache_pos, docs)
         ln_f = self.transformer.ln_f
         return add_layer_norm(residual, hidden, ln_f.weight, ln_f.bias, ln_f.eps)[1]
 
@@ -229,8 +251,9 @@ class GPT(nn.Module):
         """The LM head: (..., C) final hidden states -> (..., vocab_size) logits."""
         return linear_act(h, self.lm_head.weight, None)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids.
+    def forward(self, idx, targets=None, docs: Documents | None = None):
+        """idx (B, T) token ids; docs (gptkernels.gpt.documents.split_documents): document masking,
+        the B*T tokens attend within their own sequence only, at positions restarting in each.
 
         Without targets: (logits (B, T, vocab_size), None), for inference.
         With targets (B, T): (None, loss), loss the mean cross-entropy of the next-token
@@ -239,7 +262,10 @@ class GPT(nn.Module):
         never formed, so they are not returned (call lm_logits(hidden_states(idx)) for both).
         """
         self._check_idx(idx)
-        h = self.hidden_states(idx)
+        if docs is not None:  # (the contents: one host sync, with the token ids' check)
+            check_documents(docs, idx, self.config.block_size,
+                            values=self.check_token_ids and not torch.compiler.is_compiling())
+        h = self.hidden_states(idx, docs=docs)
         if targets is None:
             return self.lm_logits(h), None
         if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:

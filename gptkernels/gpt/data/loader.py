@@ -167,6 +167,19 @@ class TokenBatches:
         self.consumed, self.seed, self.micro = int(sd["consumed"]), int(sd["seed"]), 0
 
 
+def to_device(x, y, device, eos_id: int | None = None):
+    """(x, y, docs) of a CPU batch on `device` (pinned and copied without blocking on CUDA). With
+    eos_id (document masking) docs is the batch's Documents (gptkernels/gpt/documents.py: cu_seqlens,
+    max_seqlen, positions), computed here from the CPU tokens, so the training step needs no host
+    sync for them; else None."""
+    from gptkernels.gpt.documents import split_documents
+    docs = split_documents(x, eos_id) if eos_id is not None else None
+    if device.type != "cuda":
+        return x.to(device), y.to(device), docs if docs is None else docs.to(device)
+    x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+    return x, y, docs if docs is None else docs.pin_memory().to(device, non_blocking=True)
+
+
 def eval_windows(split: TokenSplit, max_samples: int, rank: int, world_size: int) -> np.ndarray:
     """This rank's share of a fixed evaluation set of m windows spread evenly over the split
     (m = min(max_samples, N), rounded down to a multiple of world_size so every rank runs the

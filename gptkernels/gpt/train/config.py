@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from gptkernels.gpt import limits
-from gptkernels.gpt.config import ACTIVATIONS, POS_EMBEDDINGS, pad_vocab
+from gptkernels.gpt.config import ACTIVATIONS, POS_EMBEDDINGS, check_window, pad_vocab
 from gptkernels.gpt.device import DTYPES, check_device_name
 from gptkernels.gpt.errors import UsageError
 
@@ -26,7 +26,10 @@ class TrainConfig:
     activation: str = "gelu_tanh"
     pos_embedding: str = "learned"
     tie_embeddings: bool = True
+    window: int | list | None = None  # sliding-window attention: W for every layer, or one entry per layer (-1: global)
+    attn_softcap: float = 0.0  # attention score softcap (0: off)
     pad_vocab: int = 64
+    document_masking: bool = False  # attention within each document of a packed row only, positions restart
     # optimization
     batch_size: int = 16  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # global tokens per optimizer step; None: batch_size * block_size * world
@@ -70,7 +73,8 @@ class TrainConfig:
         return dict(vocab_size=pad_vocab(vocab_size, self.pad_vocab), block_size=self.block_size,
                     n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head, n_embd=self.n_embd,
                     dropout=self.dropout, bias=self.bias, pos_embedding=self.pos_embedding,
-                    activation=self.activation, tie_embeddings=self.tie_embeddings)
+                    activation=self.activation, tie_embeddings=self.tie_embeddings, window=self.window,
+                    attn_softcap=self.attn_softcap)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -96,6 +100,10 @@ class TrainConfig:
             raise UsageError(f"n_embd: {self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise UsageError(f"n_kv_head: {self.n_kv_head} does not divide n_head={self.n_head}")
+        try:
+            check_window(self.window, self.n_layer, "window")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 # The range of every numeric option: field -> (kind, None allowed); see gptkernels/gpt/limits.py.
@@ -109,6 +117,7 @@ LIMITS = {
     "eval_samples": ("int>=1", False), "sample_interval": ("int>=0", False), "sample_tokens": ("int>=0", False),
     "log_interval": ("int>=1", False), "ckpt_interval": ("int>=1", False), "stop_at": ("int>=1", True),
     "seed": ("int>=0", False), "peak_tflops": ("float>0", True), "inject_nan_at": ("int>=1", True),
+    "attn_softcap": ("float>=0", False),
 }
 CHOICES = {"corpus": ("stdlib", "stdlib-small"), "activation": ACTIVATIONS, "pos_embedding": POS_EMBEDDINGS,
            "dtype": DTYPES, "backend": ("auto", "kernel", "reference"),

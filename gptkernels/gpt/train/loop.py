@@ -4,7 +4,7 @@
   train(TrainConfig.from_preset("demo", max_steps=200))
 
 What a step does: grad_accum micro-batches of (B, T) tokens per rank (DDP's gradient all-reduce
-only on the last one), bf16 autocast on GPU (fp32 on CPU), gradient clipping, AdamW (torch's
+only on the last one; with document_masking each batch's documents, gptkernels/gpt/documents.py), bf16 autocast on GPU (fp32 on CPU), gradient clipping, AdamW (torch's
 fused implementation on GPU; weight decay on the >= 2-D parameters only), a cosine learning-rate
 schedule after a linear warm-up. The loss comes from GPT.forward(x, y): the LM head and the
 cross-entropy run chunked in linear_cross_entropy, the (B*T, vocab) logits never exist in full.
@@ -99,6 +99,7 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
     cfg, d, raw, model, tok, mcfg = run.cfg, run.dist, run.raw, run.model, run.tok, run.mcfg
     optimizer, sched, loader, amp = run.optimizer, run.sched, run.loader, run.amp
     tps, accum, ckpt_path, step = run.tokens_per_step, run.accum, run.ckpt_path, run.step
+    eos = tok.eos_id if cfg.document_masking else None  # document masking: documents start at end-of-text
     n_params = raw.num_params()
     peak = peak_flops(d.device, cfg.peak_tflops)
     msg(f"model: {n_params / 1e6:.2f}M parameters (non-embedding), {mcfg.n_layer} layers x {mcfg.n_head} heads x "
@@ -107,7 +108,8 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
         f"{f', {run.val_split.n_tokens:,} val' if run.val_split else ', no val split'}")
     msg(f"step: {tps:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world} process(es) x {accum} "
         f"accumulation; {run.dtype} on {d.device}{', FSDP' if cfg.fsdp else ', DDP' if d.enabled else ''}"
-        f"{', torch.compile' if cfg.compile else ''}; gptkernels backend {cfg.backend}")
+        f"{', torch.compile' if cfg.compile else ''}{', document masking' if eos is not None else ''}; "
+        f"gptkernels backend {cfg.backend}")
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -145,8 +147,8 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
         with torch.no_grad(), amp:
             for w in gdata.batched(wins, cfg.batch_size):
                 buf = torch.from_numpy(run.val_split.gather(w))
-                x, y = (t.to(d.device, non_blocking=True) for t in (buf[:, :-1], buf[:, 1:]))
-                _, loss = raw(x, y)
+                x, y, docs = gdata.to_device(buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), d.device, eos)
+                _, loss = raw(x, y, docs=docs)
                 tot[0] += loss.double() * y.numel()
                 tot[1] += y.numel()
         d.all_reduce(tot)
@@ -183,15 +185,13 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
     stopped = "done"
     while step < cfg.max_steps:
         for m in range(accum):
-            x, y = loader.next_batch()
-            if d.device.type == "cuda":
-                x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
+            x, y, docs = gdata.to_device(*loader.next_batch(), d.device, eos)
             sync = not d.enabled or cfg.fsdp or m == accum - 1
             ctx = model.no_sync() if not sync else contextlib.nullcontext()
             if cfg.fsdp and d.enabled:
                 raw.set_requires_gradient_sync(m == accum - 1)
             with ctx, amp:
-                _, loss = model(x, y)
+                _, loss = model(x, y, docs=docs)
             if cfg.inject_nan_at is not None and step + 1 == cfg.inject_nan_at:
                 loss = loss * float("nan")
             (loss / accum).backward()
