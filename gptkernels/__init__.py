@@ -9,9 +9,11 @@ from gptkernels._backend import backend, get_backend, kernels_available, set_bac
 from gptkernels import ops, nn  # noqa: E402  (registers the ops' fake/autograd implementations)
 from gptkernels._info import info  # noqa: E402
 from gptkernels._selftest import selftest  # noqa: E402  (also installs the self-test's verdicts in _backend)
-from gptkernels.ops.attention import get_attention_impl, set_attention_impl  # noqa: E402
+from gptkernels.ops.attention import (flash_attention, flash_attention_varlen, get_attention_impl,  # noqa: E402
+                                      set_attention_impl)
 from gptkernels.gpt import GPT, GPTConfig, GPTForSequenceClassification  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["backend", "get_backend", "set_backend", "kernels_available", "info", "selftest", "set_attention_impl",
-           "get_attention_impl", "ops", "nn", "GPT", "GPTConfig", "GPTForSequenceClassification"]
+           "get_attention_impl", "flash_attention", "flash_attention_varlen",
+           "ops", "nn", "GPT", "GPTConfig", "GPTForSequenceClassification"]

@@ -1,14 +1,21 @@
-"""Exact softmax attention: out = softmax(q k^T * scale + mask) v, and its log-sum-exp.
+"""Exact softmax attention: out = softmax(cap(q k^T * scale) + mask) v, and its log-sum-exp.
 
 Layouts: "bhsd" (SDPA's (B, H, S, D)) or "bshd" ((B, S, H, D), what a fused QKV projection
 yields, taken by strides without a transpose copy). Grouped-query attention: K/V may have
 fewer heads, dividing the query heads; query head h uses K/V head h // (Hq // Hkv).
 
-Causal masking is aligned to the bottom-right, as FlashAttention: with Sq queries and Sk keys,
-query i sees keys j <= i + (Sk - Sq). So a decoding step (Sq = 1) sees the whole cache.
-`kv_lens` (int32 [B], optional) limits batch b to its first kv_lens[b] keys (a KV cache filled
-to different lengths); the causal alignment then uses kv_lens[b] in place of Sk. A query row that
-sees no key (possible only when Sq > Sk under causal) outputs zeros with lse = -inf.
+Masking, one rule for every path: with Sq queries and Sk_b keys (Sk_b = kv_lens[b] when given, else
+Sk; kv_lens is an int32 [B] KV-cache fill) and offset = Sk_b - Sq (bottom-right alignment, as
+FlashAttention), key j is visible to query i iff j < Sk_b and, with window = (wl, wr) (-1 = unbounded
+on that side), j >= i + offset - wl (wl >= 0) and j <= i + offset + wr (wr >= 0). causal=True is
+exactly wr = 0 (so a decoding step, Sq = 1, sees the whole cache, or its last wl + 1 keys). softcap > 0
+caps the scores: s = softcap * tanh(s / softcap) (Gemma-2); 0 = off. lse is the log-sum-exp of the
+(capped) visible scores; a query row that sees no key outputs zeros with lse = -inf.
+
+Variable-length batches (flash_attention_varlen, FlashAttention's layout): q (total_q, Hq, D), k/v
+(total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 [B+1] (0, then running totals); sequence b is
+q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]] under the rule above; out (total_q, Hq, D),
+lse fp32 (Hq, total_q). Empty sequences are allowed.
 
 Paths (gptkernels._backend):
 - kernel (csrc/attention/, torch.ops.gptkernels.*): flash_attn_fwd, a FlashAttention-2 style forward
@@ -19,16 +26,28 @@ Paths (gptkernels._backend):
   needs no gradient runs: it picks its engine itself (a CUDA-core kernel for a few query rows per K/V
   head, else the tensor-core forward), splits the keys over several CTAs when one per query tile would
   leave SMs idle (decoding, chunked prefill, speculative decoding over a long cache), sizes the splits
-  from kv_lens inside the kernel, and is the plain forward otherwise.
+  from kv_lens inside the kernel, and is the plain forward otherwise. flash_attn_varlen_{fwd,bwd,decode}
+  are the same for packed batches. A call using a variant ("window", "softcap", "varlen") takes the
+  kernels only when the extension's limits name it in LIMITS["variants"] (what forward, backward and
+  decode all implement).
   Head dims, dtypes and length limits: LIMITS, from csrc/attention/attention_limits.h. The
   implementation is chosen per GPU in C++ (select_impl; `gptkernels info` prints it). On compute
   capability 9.0 the forward can also run the Hopper kernel (csrc/attention/sm90/: TMA, wgmma, warp
   specialisation; same semantics): opt in with set_attention_impl("sm90") or
   GPTKERNELS_ATTENTION_IMPL=sm90 until it has been verified on a GPU.
-- torch (a GPU call the kernels do not take: other head dims, float32, gradients through kv_lens,
-  no extension): attention_torch, torch's SDPA (flash / cuDNN / memory-efficient backends) with the
-  bottom-right causal mask and kv_lens expressed exactly, plus the lse computed chunk by chunk.
-- reference (CPU): attention_ref, the math written out; also every op's CPU implementation.
+- torch (a GPU call the kernels do not take: other head dims, float32, gradients through kv_lens, a
+  variant the kernels lack, no extension): attention_torch / attention_varlen_torch
+  (gptkernels.ops.attention_torch): SDPA with the masks expressed exactly, FlashAttention-2's sliding
+  window and varlen through torch.nn.attention.varlen.varlen_attn where its alignment is ours, a
+  chunked fp32 computation for softcap, a loop over the sequences otherwise; lse chunk by chunk.
+- reference (CPU): attention_ref / attention_varlen_ref (gptkernels.ops.attention_ref), the math
+  written out in fp32; also every op's CPU implementation.
+
+  path       dense                                  varlen
+  kernel     flash_attn_fwd / _bwd / _decode        flash_attn_varlen_fwd / _bwd / _decode
+  torch      SDPA (+ mask), varlen_attn (window),   varlen_attn (equal q/k lengths or no mask),
+             _ChunkedAttention (softcap)            else a loop of the dense torch path
+  reference  attention_ref (+ attention_bwd_ref)    attention_varlen_ref (+ attention_varlen_bwd_ref)
 """
 from __future__ import annotations
 
@@ -39,212 +58,28 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import _backend, _limits
-from gptkernels._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
-
-LAYOUTS = ("bhsd", "bshd")
-
-
-def to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t if layout == "bhsd" else t.transpose(1, 2)
+from gptkernels.ops.attention_args import (LAYOUTS, check_attention_inputs, check_variant_args,  # noqa: F401
+                                           check_varlen_inputs)
+from gptkernels.ops.attention_ref import (NO_WINDOW, attention_bwd_ref, attention_mask, attention_ref,  # noqa: F401
+                                          attention_varlen_bwd_ref, attention_varlen_ref, to_bhsd)
+from gptkernels.ops.attention_torch import attention_torch, attention_varlen_loop, attention_varlen_torch  # noqa: F401
 
 
-def attention_mask(sq: int, sk: int, causal: bool, kv_lens, batch: int, device, rows: range | None = None):
-    """Boolean [B or 1, 1, Sq, Sk] mask of allowed (query, key) pairs, or None when all are allowed.
-    rows: only these query rows (then [B or 1, 1, len(rows), Sk])."""
-    if not causal and kv_lens is None:
-        return None
-    j = torch.arange(sk, device=device)
-    i = torch.arange(sq, device=device) if rows is None else torch.arange(rows.start, rows.stop, device=device)
-    lens = (kv_lens.to(device=device, dtype=torch.long) if kv_lens is not None
-            else torch.full((1,), sk, device=device, dtype=torch.long))
-    allowed = j[None, None, :] < lens[:, None, None]  # [B, 1, Sk]
-    if causal:
-        allowed = allowed & (j[None, None, :] <= i[None, :, None] + (lens[:, None, None] - sq))
-    return allowed[:, None]
+def variants_used(window_left: int, window_right: int, softcap: float) -> tuple[str, ...]:
+    """The LIMITS["variants"] names a call with this canonical window (causal folded into
+    window_right = 0, which is no variant) and softcap uses."""
+    return (("window",) if window_left >= 0 or window_right > 0 else ()) + (("softcap",) if softcap else ())
 
 
-def attention_ref(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None,
-                  upcast: bool = True):
-    """Math attention. Returns (out in q's layout and dtype, lse fp32 [B, Hq, Sq]).
-    upcast=True computes in fp32 (the test reference); False in the inputs' dtype (the baseline
-    whose error the kernel is compared with)."""
-    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
-    B, Hq, Sq, D = qb.shape
-    Hkv = kb.shape[1]
-    if Hkv != Hq:
-        kb = kb.repeat_interleave(Hq // Hkv, dim=1)
-        vb = vb.repeat_interleave(Hq // Hkv, dim=1)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    dt = torch.float32 if upcast else q.dtype
-    s = torch.matmul(qb.to(dt), kb.to(dt).transpose(-1, -2)).float() * scale
-    mask = attention_mask(Sq, kb.shape[2], causal, kv_lens, B, q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    if kv_lens is not None:  # a cache past its fill may hold anything (NaN): 0 * NaN would leak through p v
-        kept = torch.arange(kb.shape[2], device=q.device)[None, :] < kv_lens.to(q.device).long()[:, None]
-        vb = vb.masked_fill(~kept[:, None, :, None], 0.0)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))
-    out = torch.matmul(p.to(dt), vb.to(dt)).to(q.dtype)
-    out = out if layout == "bhsd" else out.transpose(1, 2)
-    return out, lse
-
-
-def check_attention_inputs(q, k, v, layout: str, kv_lens=None, dtypes=FLOAT_DTYPES):
-    """Shapes (B, Hq, Sq, D) / (B, Hkv, Sk, D) in the given layout; returns (B, Hq, Hkv, Sq, Sk, D)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, dtypes=dtypes, ndim=4)
-    check_same_dtype("k", k, "q", q)
-    check_same_dtype("v", v, "q", q)
-    check_same_device("k", k, "q", q)
-    check_same_device("v", v, "q", q)
-    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
-    B, Hq, Sq, D = qb.shape
-    if kb.shape != vb.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if kb.shape[0] != B:
-        raise ValueError(f"k: batch {kb.shape[0]} does not match q's batch {B}")
-    if kb.shape[3] != D:
-        raise ValueError(f"k: head dim {kb.shape[3]} does not match q's head dim {D}")
-    Hkv, Sk = kb.shape[1], kb.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"k: its {Hkv} heads must divide q's {Hq} heads (grouped-query attention)")
-    if kv_lens is not None:
-        check_tensor("kv_lens", kv_lens, dtypes=(torch.int32, torch.int64), ndim=1)
-        check_same_device("kv_lens", kv_lens, "q", q)
-        if kv_lens.shape[0] != B:
-            raise ValueError(f"kv_lens: expected shape ({B},), got {tuple(kv_lens.shape)}")
-    return B, Hq, Hkv, Sq, Sk, D
-
-
-def attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal: bool, scale: float, layout: str = "bhsd"):
-    """Gradients (dq, dk, dv) of attention_ref written out in fp32 from the saved lse, as the kernel
-    computes them: P = exp(S*scale - lse), dV = P^T dO, dP = dO V^T, delta = rowsum(dO * O) - dlse,
-    dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q; with GQA dk/dv are summed over the
-    query heads sharing a K/V head. Outputs are contiguous in `layout`, in the inputs' dtype."""
-    qb, kb, vb, ob, dob = (to_bhsd(t, layout).float() for t in (q, k, v, out, dout))
-    B, Hq, Sq, D = qb.shape
-    Hkv, Sk = kb.shape[1], kb.shape[2]
-    g = Hq // Hkv
-    kx = kb.repeat_interleave(g, dim=1) if g > 1 else kb
-    vx = vb.repeat_interleave(g, dim=1) if g > 1 else vb
-    s = torch.matmul(qb, kx.transpose(-1, -2)) * scale
-    mask = attention_mask(Sq, Sk, causal, None, B, q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse_ = lse.float()[..., None]
-    p = torch.exp(s - lse_.masked_fill(lse_ == float("-inf"), float("inf")))
-    dvx = torch.matmul(p.transpose(-1, -2), dob)
-    dp = torch.matmul(dob, vx.transpose(-1, -2))
-    delta = (dob * ob).sum(-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.float()[..., None]
-    ds = p * (dp - delta)
-    dq = torch.matmul(ds, kx) * scale
-    dkx = torch.matmul(ds.transpose(-1, -2), qb) * scale
-    if g > 1:
-        dkx = dkx.view(B, Hkv, g, Sk, D).sum(2)
-        dvx = dvx.view(B, Hkv, g, Sk, D).sum(2)
-
-    def back(t, like):
-        t = t.to(like.dtype)
-        return (t if layout == "bhsd" else t.transpose(1, 2)).contiguous()
-
-    return back(dq, q), back(dkx, k), back(dvx, v)
-
-
-# ---- torch's fast path (a GPU call the kernels do not take) -------------------------------------
-
-def _lse_chunks(q, k, scale: float, causal: bool, kv_lens):
-    """(rows, fp32 scores [B, Hq, len(rows), Sk] masked with -inf) for chunks of query rows, small
-    enough (about 64 MiB each) that the [Sq, Sk] scores never exist at once. q: [B, Hq, Sq, D],
-    k: [B, Hkv, Sk, D]; query head h reads K/V head h // (Hq // Hkv) without a copy of K."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    kf = k.float().transpose(-1, -2)  # [B, Hkv, D, Sk]
-    step = max(1, min(Sq, (1 << 24) // max(1, B * Hq * Sk)))
-    for i0 in range(0, Sq, step):
-        rows = range(i0, min(Sq, i0 + step))
-        qc = q[:, :, i0:rows.stop].float().reshape(B, Hkv, g * len(rows), D)
-        s = torch.matmul(qc, kf).reshape(B, Hq, len(rows), Sk) * scale
-        mask = attention_mask(Sq, Sk, causal, kv_lens, B, q.device, rows)
-        yield rows, (s if mask is None else s.masked_fill(~mask, float("-inf")))
-
-
-class _AttentionLse(torch.autograd.Function):
-    """lse = log-sum-exp over the visible keys of q k^T * scale (fp32), chunk by chunk of query rows
-    (torch's SDPA returns out but not lse). The backward recomputes each chunk's probabilities:
-    d lse_i / d s_ij = p_ij, so dq = scale * (p * dlse) k and dk = scale * (p * dlse)^T q."""
-
-    @staticmethod
-    def forward(ctx, q, k, scale, causal, kv_lens):
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        for rows, s in _lse_chunks(q, k, scale, causal, kv_lens):
-            lse[:, :, rows.start:rows.stop] = torch.logsumexp(s, dim=-1)
-        ctx.save_for_backward(q, k, lse, kv_lens)
-        ctx.scale, ctx.causal = scale, causal
-        return lse
-
-    @staticmethod
-    def backward(ctx, dlse):
-        q, k, lse, kv_lens = ctx.saved_tensors
-        B, Hq, Sq, D = q.shape
-        Hkv, Sk = k.shape[1], k.shape[2]
-        g = Hq // Hkv
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        kf = k.float()
-        for rows, s in _lse_chunks(q, k, ctx.scale, ctx.causal, kv_lens):
-            r = slice(rows.start, rows.stop)
-            lse_c = lse[:, :, r, None]
-            p = torch.exp(s - lse_c.masked_fill(lse_c == float("-inf"), float("inf")))  # 0 where no key is seen
-            w = (p * dlse[:, :, r, None].float()).reshape(B, Hkv, g * len(rows), Sk)
-            dq[:, :, r] = torch.matmul(w, kf).reshape(B, Hq, len(rows), D) * ctx.scale
-            qc = q[:, :, r].float().reshape(B, Hkv, g * len(rows), D)
-            dk += torch.matmul(w.transpose(-1, -2), qc) * ctx.scale
-        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
-
-
-def attention_torch(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None):
-    """(out, lse) as attention_ref computes them, from torch's fused SDPA (flash / cuDNN /
-    memory-efficient backends on a GPU), with our semantics expressed exactly: causal bottom-right
-    as is_causal (Sq == Sk), torch's lower-right causal bias (Sq < Sk), or the last Sk rows as a
-    square causal call with zeros above (Sq > Sk); kv_lens as an explicit mask, with the keys past it
-    zeroed first (a cache past its fill may hold NaN) and rows that see no key set to zero. lse comes
-    from _AttentionLse (the scores once more, chunk by chunk). out is contiguous in `layout`."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
-    B, Hq, Sq, D = qb.shape
-    Hkv, Sk = kb.shape[1], kb.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kw = dict(scale=scale, enable_gqa=Hq != Hkv)
-    if kv_lens is not None:
-        kept = (torch.arange(Sk, device=q.device)[None, :] < kv_lens.to(q.device).long()[:, None])[:, None, :, None]
-        kb, vb = torch.where(kept, kb, 0), torch.where(kept, vb, 0)
-    if Sk == 0 or qb.numel() == 0:
-        out = qb.new_zeros(qb.shape)
-    elif kv_lens is not None:
-        mask = attention_mask(Sq, Sk, causal, kv_lens, B, q.device)
-        seen = mask.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask | ~seen, **kw).masked_fill(~seen, 0.0)
-    elif not causal or Sq == 1:  # a single query row sees every key under bottom-right causal
-        out = F.scaled_dot_product_attention(qb, kb, vb, **kw)
-    elif Sq == Sk:
-        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, **kw)
-    elif Sq < Sk:
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal_lower_right(Sq, Sk), **kw)
-    else:  # the first Sq - Sk rows see no key
-        tail = F.scaled_dot_product_attention(qb[:, :, Sq - Sk:], kb, vb, is_causal=True, **kw)
-        out = torch.cat([tail.new_zeros(B, Hq, Sq - Sk, D), tail], dim=2)
-    lse = _AttentionLse.apply(qb, kb, scale, causal, kv_lens)
-    return (out if layout == "bhsd" else out.transpose(1, 2)).contiguous(), lse
+def _variant_args(window_left: int, window_right: int, softcap: float) -> tuple:
+    """The ops' trailing (window_left, window_right, softcap), or () when no variant is used (so calls
+    without one run on an extension whose schemas predate them)."""
+    return (window_left, window_right, float(softcap)) if variants_used(window_left, window_right, softcap) else ()
 
 
 # ---- registration: fake, CPU implementation (the reference), autograd; schemas come from C++ ------
+# The dense ops' trailing window_left=-1, window_right=-1, softcap=0.0 default in the schema: the
+# functions below take them with the same defaults, so they serve the schemas with and without them.
 
 def _out_like(q):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -255,62 +90,148 @@ def _lse_like(q, layout):
     return torch.empty((B, H, S), dtype=torch.float32, device=q.device)
 
 
-def _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens):
-    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
+def _grads_like(q, k, v):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens, window_left=-1, window_right=-1, softcap=0.0):
+    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens, window=(window_left, window_right),
+                             softcap=softcap)
     return out.contiguous(), lse.contiguous()
 
 
+def _fwd_fake(q, k, v, causal, scale, layout, kv_lens, deterministic, window_left=-1, window_right=-1, softcap=0.0):
+    return _out_like(q), _lse_like(q, layout)
+
+
+def _fwd_cpu(q, k, v, causal, scale, layout, kv_lens, deterministic, window_left=-1, window_right=-1, softcap=0.0):
+    return _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens, window_left, window_right, softcap)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic, window_left=-1, window_right=-1,
+              softcap=0.0):
+    return _grads_like(q, k, v)
+
+
+def _bwd_cpu(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic, window_left=-1, window_right=-1,
+             softcap=0.0):
+    return attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal, scale, layout, window=(window_left, window_right),
+                             softcap=softcap)
+
+
+def _decode_fake(q, k, v, causal, scale, layout, kv_lens, window_left=-1, window_right=-1, softcap=0.0):
+    return _out_like(q), _lse_like(q, layout)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, causal, scale, layout, kv_lens, deterministic = inputs[:8]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.layout, ctx.deterministic = causal, scale, layout, deterministic
+    ctx.variant = tuple(inputs[8:]) + (-1, -1, 0.0)[len(inputs) - 8:]  # (window_left, window_right, softcap)
+    ctx.n_inputs = len(inputs)
+    ctx.has_kv_lens = kv_lens is not None
+
+
+def _backward(ctx, dout, dlse):
+    if ctx.has_kv_lens:
+        raise NotImplementedError("gptkernels.flash_attention: gradients with kv_lens are not supported "
+                                  "(flash_attention takes the PyTorch paths when they are needed)")
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    wl, wr, softcap = ctx.variant
+    if not _HAVE_BWD:
+        dq, dk, dv = attention_bwd_ref(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.layout,
+                                       window=(wl, wr), softcap=softcap)
+    else:
+        dq, dk, dv = torch.ops.gptkernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale,
+                                                         ctx.layout, ctx.deterministic, *_variant_args(*ctx.variant))
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+
+
 if _backend.has_kernel("flash_attn_fwd"):
-    def _fwd_fake(q, k, v, causal, scale, layout, kv_lens, deterministic):
-        return _out_like(q), _lse_like(q, layout)
-
-    def _fwd_cpu(q, k, v, causal, scale, layout, kv_lens, deterministic):
-        return _fwd_ref_op(q, k, v, causal, scale, layout, kv_lens)
-
     torch.library.register_fake("gptkernels::flash_attn_fwd")(_fwd_fake)
     torch.library.impl("gptkernels::flash_attn_fwd", "CPU")(_fwd_cpu)
-
     if _backend.has_kernel("flash_attn_bwd"):
-        def _bwd_fake(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic):
-            return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                    torch.empty(k.shape, dtype=k.dtype, device=k.device),
-                    torch.empty(v.shape, dtype=v.dtype, device=v.device))
-
-        def _bwd_cpu(dout, q, k, v, out, lse, dlse, causal, scale, layout, deterministic):
-            return attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal, scale, layout)
-
         torch.library.register_fake("gptkernels::flash_attn_bwd")(_bwd_fake)
         torch.library.impl("gptkernels::flash_attn_bwd", "CPU")(_bwd_cpu)
-
     if _backend.has_kernel("flash_attn_decode"):
-        def _decode_fake(q, k, v, causal, scale, layout, kv_lens):
-            return _out_like(q), _lse_like(q, layout)
-
         torch.library.register_fake("gptkernels::flash_attn_decode")(_decode_fake)
         torch.library.impl("gptkernels::flash_attn_decode", "CPU")(_fwd_ref_op)
-
-    def _setup(ctx, inputs, output):
-        q, k, v, causal, scale, layout, kv_lens, deterministic = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.layout, ctx.deterministic = causal, scale, layout, deterministic
-        ctx.has_kv_lens = kv_lens is not None
-
-    def _backward(ctx, dout, dlse):
-        if ctx.has_kv_lens:
-            raise NotImplementedError("gptkernels.flash_attention: gradients with kv_lens are not supported "
-                                      "(flash_attention takes the PyTorch paths when they are needed)")
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if not _HAVE_BWD:
-            dq, dk, dv = attention_bwd_ref(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.layout)
-        else:
-            dq, dk, dv = torch.ops.gptkernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale,
-                                                             ctx.layout, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None
-
     torch.library.register_autograd("gptkernels::flash_attn_fwd", _backward, setup_context=_setup)
+
+
+# Varlen ops (schemas in VARLEN order: tensors, cu_seqlens, max_seqlens, causal, scale, window, softcap[, det]).
+
+def _varlen_lse_like(q):
+    return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                     window_right, softcap, deterministic):
+    return _out_like(q), _varlen_lse_like(q)
+
+
+def _varlen_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                    window_right, softcap, deterministic):
+    return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, (window_left, window_right),
+                                softcap)
+
+
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                     scale, window_left, window_right, softcap, deterministic):
+    return _grads_like(q, k, v)
+
+
+def _varlen_bwd_cpu(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                    scale, window_left, window_right, softcap, deterministic):
+    return attention_varlen_bwd_ref(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, causal, scale,
+                                    (window_left, window_right), softcap)
+
+
+def _varlen_decode_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                        window_left, window_right, softcap):
+    return _out_like(q), _varlen_lse_like(q)
+
+
+def _varlen_decode_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                       window_left, window_right, softcap):
+    return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, (window_left, window_right),
+                                softcap)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, wl, wr, softcap, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale, wl, wr, softcap, deterministic)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, causal, scale, wl, wr, softcap, deterministic = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if _HAVE_VARLEN_BWD:
+        dq, dk, dv = torch.ops.gptkernels.flash_attn_varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q,
+                                                                max_k, causal, scale, wl, wr, softcap, deterministic)
+    else:
+        dq, dk, dv = attention_varlen_bwd_ref(dout, q, k, v, out, lse, dlse, cu_q, cu_k, causal, scale, (wl, wr),
+                                              softcap)
+    return (dq, dk, dv) + (None,) * 10
+
+
+if _backend.has_kernel("flash_attn_varlen_fwd"):
+    torch.library.register_fake("gptkernels::flash_attn_varlen_fwd")(_varlen_fwd_fake)
+    torch.library.impl("gptkernels::flash_attn_varlen_fwd", "CPU")(_varlen_fwd_cpu)
+    if _backend.has_kernel("flash_attn_varlen_bwd"):
+        torch.library.register_fake("gptkernels::flash_attn_varlen_bwd")(_varlen_bwd_fake)
+        torch.library.impl("gptkernels::flash_attn_varlen_bwd", "CPU")(_varlen_bwd_cpu)
+    if _backend.has_kernel("flash_attn_varlen_decode"):
+        torch.library.register_fake("gptkernels::flash_attn_varlen_decode")(_varlen_decode_fake)
+        torch.library.impl("gptkernels::flash_attn_varlen_decode", "CPU")(_varlen_decode_cpu)
+    torch.library.register_autograd("gptkernels::flash_attn_varlen_fwd", _varlen_backward, setup_context=_varlen_setup)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
@@ -318,6 +239,9 @@ LIMITS = _limits.family("attention")
 _HAVE_FWD = _backend.has_kernel("flash_attn_fwd")
 _HAVE_BWD = _backend.has_kernel("flash_attn_bwd")
 _HAVE_DECODE = _backend.has_kernel("flash_attn_decode")
+_HAVE_VARLEN_FWD = _backend.has_kernel("flash_attn_varlen_fwd")
+_HAVE_VARLEN_BWD = _backend.has_kernel("flash_attn_varlen_bwd")
+_HAVE_VARLEN_DECODE = _backend.has_kernel("flash_attn_varlen_decode")
 # GPTKERNELS_ATTENTION_IMPL values: the names of the rows of the C++ implementation table (flash_api.cu)
 ATTENTION_IMPLS = ("auto", "sm80", "sm90")
 _IMPL_ENV = "GPTKERNELS_ATTENTION_IMPL"
@@ -349,8 +273,10 @@ def kernel_implementation(op: str = "fwd", capability: tuple[int, int] | None = 
     return torch.ops.gptkernels.attention_impl(op, major * 10 + minor)
 
 
-def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool) -> str | None:
-    """None when the attention kernels take this call, else a short reason they do not."""
+def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, needs_grad: bool,
+                 variants: tuple[str, ...] = ()) -> str | None:
+    """None when the attention kernels take this call, else a short reason they do not. variants:
+    the LIMITS["variants"] names the call uses (variants_used(); "varlen" for flash_attention_varlen)."""
     if not _HAVE_FWD:
         return "not in this build of the extension"
     if q.dtype not in _limits.dtypes(LIMITS):
@@ -364,22 +290,30 @@ def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, need
         return f"sequence length {max(sq, sk)} (the kernels take at most {LIMITS['max_seq_len']})"
     if needs_grad and kv_lens is not None:
         return "gradients with kv_lens"
+    missing = [name for name in variants if name not in LIMITS.get("variants", ())]
+    if missing:
+        return f"{', '.join(missing)} (not among the kernels' variants {list(LIMITS.get('variants', ()))})"
     return None
 
 
-def _attention_kernel(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
+def _attention_kernel(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad, window=NO_WINDOW,
+                      softcap=0.0):
     kl = None if kv_lens is None else kv_lens.to(torch.int32)
+    extra = _variant_args(window[0], window[1], softcap)
     if not needs_grad and _HAVE_DECODE:  # (it picks its engine and number of key splits itself)
-        return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl)
-    return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic))
+        return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl, *extra)
+    return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic), *extra)
 
 
-def _attention_torch(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
-    return attention_torch(q, k, v, causal, scale, layout, kv_lens)
+def _attention_torch(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad, window=NO_WINDOW,
+                     softcap=0.0):
+    return attention_torch(q, k, v, causal, scale, layout, kv_lens, window=window, softcap=softcap,
+                           deterministic=bool(deterministic))
 
 
-def _attention_reference(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad):
-    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens)
+def _attention_reference(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad, window=NO_WINDOW,
+                         softcap=0.0):
+    out, lse = attention_ref(q, k, v, causal, scale, layout, kv_lens, window=window, softcap=softcap)
     return out.contiguous(), lse
 
 
@@ -388,19 +322,71 @@ FLASH_ATTENTION = {"kernel": _attention_kernel, "torch": _attention_torch, "refe
 
 
 def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None,
-                    deterministic: bool | None = None):
+                    deterministic: bool | None = None, window=NO_WINDOW, softcap: float = 0.0):
     """(out, lse): exact attention, see the module docstring. Differentiable in q, k, v (and through
     lse). out is contiguous in `layout` (a "bshd" out views as (B, S, H*D) without a copy); lse is
-    fp32 [B, Hq, Sq]. deterministic: a backward with a fixed reduction order (default: follow
-    torch.are_deterministic_algorithms_enabled(); the kernel's default backward is not)."""
+    fp32 [B, Hq, Sq]. window = (left, right): sliding-window attention (-1 = unbounded; (w, 0) with
+    causal=True is a causal window of w + 1 keys); softcap > 0 caps the scores. deterministic: a
+    backward with a fixed reduction order (default: follow torch.are_deterministic_algorithms_enabled();
+    the kernel's default backward is not)."""
     B, Hq, Hkv, Sq, Sk, D = check_attention_inputs(q, k, v, layout, kv_lens)
+    causal, wl, wr, softcap = check_variant_args(causal, window, softcap)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    why = _unsupported(q, D, Sq, Sk, scale, kv_lens, needs_grad)
+    why = _unsupported(q, D, Sq, Sk, scale, kv_lens, needs_grad, variants_used(wl, wr, softcap))
     fn = FLASH_ATTENTION[_backend.path("flash_attention", (q, k, v, kv_lens), why)]
-    return fn(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad)
+    return fn(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad, (wl, wr), softcap)
+
+
+def _varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, deterministic, needs_grad,
+                   same_lengths):
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # (the kernels need a unit last stride)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    if not needs_grad and _HAVE_VARLEN_DECODE:
+        return torch.ops.gptkernels.flash_attn_varlen_decode(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                             window[0], window[1], softcap)
+    return torch.ops.gptkernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window[0],
+                                                      window[1], softcap, bool(deterministic))
+
+
+def _varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, deterministic, needs_grad,
+                  same_lengths):
+    return attention_varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap,
+                                  bool(deterministic), same_lengths)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, deterministic, needs_grad,
+                      same_lengths):
+    return attention_varlen_ref(q, k, v, cu_q, cu_k, causal, scale, window, softcap)
+
+
+FLASH_ATTENTION_VARLEN = {"kernel": _varlen_kernel, "torch": _varlen_torch, "reference": _varlen_reference}
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           causal: bool = False, scale: float | None = None, window=NO_WINDOW, softcap: float = 0.0,
+                           deterministic: bool | None = None, check_inputs: bool = True):
+    """(out (total_q, Hq, D) contiguous, lse fp32 (Hq, total_q)): attention over a packed batch of
+    variable-length sequences (module docstring; FlashAttention's flash_attn_varlen_func layout).
+    q/k/v may be strided views (e.g. of a packed (total, 3, H, D) QKV) with a contiguous last dim.
+    Differentiable in q, k, v (and through lse). check_inputs=True also checks the cu_seqlens values
+    against the totals and the max_seqlen bounds (one host sync; skipped while torch.compile traces);
+    False checks only shapes, dtypes and devices."""
+    B, Hq, Hkv, D, same = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              check_values=check_inputs)
+    causal, wl, wr, softcap = check_variant_args(causal, window, softcap)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    why = ("varlen not in this build of the extension" if not _HAVE_VARLEN_FWD else
+           _unsupported(q, D, max_seqlen_q, max_seqlen_k, scale, None, needs_grad,
+                        ("varlen",) + variants_used(wl, wr, softcap)))
+    path = _backend.path("flash_attention_varlen", (q, k, v, cu_seqlens_q, cu_seqlens_k), why)
+    return FLASH_ATTENTION_VARLEN[path](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                        (wl, wr), softcap, deterministic, needs_grad, same)
 
 
 def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
