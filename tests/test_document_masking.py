@@ -253,15 +253,22 @@ def test_bad_documents_are_named():
 
 def test_torch_compile_with_documents():
     """The document-masked forward and backward trace as one graph (max_seqlen a Python int) and
-    give the eager loss; a batch with other sequence counts and lengths compiles and runs too."""
-    model = GPT(cfg(window=[4, -1]))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for seed, p in ((0, 0.15), (1, 0.4)):
-        x, y = packed_batch(2, 16, seed=seed, p_eos=p)
+    give the eager loss. Two batches whose documents differ but fall in the same buckets (8
+    sequences after padding, max_seqlen 16) run on that one graph, without recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = GPT(cfg(n_layer=1, window=4, attn_softcap=5.0))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for eos_at in (([5], [3, 9]), ([4, 8, 13], [9])):  # 5 documents, the longest 11; 6, the longest 9
+        x, y = packed_batch(2, 16, p_eos=0.0)
+        for row, cols in enumerate(eos_at):
+            x[row, cols] = EOS
         docs = split_documents(x, EOS)
+        assert docs.cu_seqlens.numel() == 9 and docs.max_seqlen == 16
         _, loss = compiled(x, y, docs=docs)
         torch.testing.assert_close(loss, model(x, y, docs=docs)[1], atol=1e-6, rtol=1e-6)
         loss.backward()
+    assert counter.frame_count == 1
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
 
 
