@@ -53,7 +53,7 @@ def cap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
 def masked_softmax(s: torch.Tensor):
     """(p, lse) of scores masked with -inf, a row with no visible key giving p = 0 and lse = -inf,
     with finite gradients everywhere (autograd through it is the varlen reference's backward)."""
-    m = s.detach().amax(dim=-1, keepdim=True)
+    m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(s.shape[:-1] + (1,))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     total = e.sum(dim=-1, keepdim=True)
