@@ -299,3 +299,164 @@ def test_lse_grad_functions_cpu():
     qd.grad = kd.grad = None
     (AT._LseGrad.apply(qd, kd, lse_r.detach(), 0.4, False, (1, 2), 0.0) * wd).sum().backward()
     assert_all_close([qd.grad, kd.grad], want)
+
+
+# ---- the op registrations' Python functions (exercised through the ops once the C++ side has them) ---
+
+class _Ctx:
+    def save_for_backward(self, *ts):
+        self.saved_tensors = ts
+
+
+def test_registered_functions_cpu(monkeypatch):
+    """The fake / CPU / autograd functions registered for flash_attn_{fwd,bwd,decode} (with the new
+    trailing window_left, window_right, softcap, and without them) and flash_attn_varlen_*, called
+    as Python functions: shapes and dtypes, CPU = reference, autograd = autograd of the reference."""
+    torch.manual_seed(7)
+    q, k, v, cu_q, cu_k = packed(*LENS[1])
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    args = (cu_q, cu_k, 17, 20, True, 0.4, 3, 0, 1.5)
+    out, lse = A._varlen_fwd_cpu(qd, kd, vd, *args, False)
+    want = A.attention_varlen_ref(qd, kd, vd, cu_q, cu_k, True, 0.4, (3, 0), 1.5)
+    assert_all_close((out, lse), want, tol=0)
+    for fake in (A._varlen_fwd_fake(qd, kd, vd, *args, False), A._varlen_decode_fake(qd, kd, vd, *args)):
+        assert [(t.shape, t.dtype) for t in fake] == [(out.shape, out.dtype), (lse.shape, torch.float32)]
+    assert_all_close(A._varlen_decode_cpu(qd, kd, vd, *args), want, tol=0)
+    dout, dlse = torch.randn(q.shape), torch.full_like(lse, 0.7)
+    grads = A._varlen_bwd_cpu(dout, qd, kd, vd, out, lse, dlse, *args, False)
+    assert [g.shape for g in A._varlen_bwd_fake(dout, qd, kd, vd, out, lse, dlse, *args, False)] == \
+        [g.shape for g in grads]
+    auto = grads_of(lambda q, k, v: A.attention_varlen_ref(q, k, v, cu_q, cu_k, True, 0.4, (3, 0), 1.5), (q, k, v),
+                    dout)
+    assert_all_close(grads, auto[2:])
+    ctx = _Ctx()  # the registered autograd (no varlen backward op here: the reference backward)
+    monkeypatch.setattr(A, "_HAVE_VARLEN_BWD", False)
+    A._varlen_setup(ctx, (qd, kd, vd, *args, False), (out, lse))
+    back = A._varlen_backward(ctx, dout, dlse)
+    assert len(back) == 13 and all(b is None for b in back[3:])
+    assert_all_close(back[:3], auto[2:])
+
+    # dense, the extended signature (11 / 14 arguments) and the old one (8 / 11)
+    qb, kb, vb = (t[None, s] for t, s in ((qd, slice(3, 20)), (kd, slice(6, 26)), (vd, slice(6, 26))))
+    o, l = A._fwd_cpu(qb, kb, vb, True, 0.4, "bshd", None, False, 3, 0, 1.5)
+    assert_all_close((o, l), A.attention_ref(qb, kb, vb, True, 0.4, "bshd", window=(3, 0), softcap=1.5), tol=0)
+    assert [t.shape for t in A._fwd_fake(qb, kb, vb, True, 0.4, "bshd", None, False, 3, 0, 1.5)] == [o.shape, l.shape]
+    assert [t.shape for t in A._decode_fake(qb, kb, vb, True, 0.4, "bshd", None)] == [o.shape, l.shape]
+    do = torch.randn(o.shape)
+    monkeypatch.setattr(A, "_HAVE_BWD", False)
+    for extra in ((3, 0, 1.5), ()):
+        o, l = A._fwd_cpu(qb, kb, vb, True, 0.4, "bshd", None, False, *extra)
+        ctx = _Ctx()
+        A._setup(ctx, (qb, kb, vb, True, 0.4, "bshd", None, False, *extra), (o, l))
+        back = A._backward(ctx, do, torch.full_like(l, 0.7))
+        assert len(back) == 8 + len(extra)
+        want = A._bwd_cpu(do, qb, kb, vb, o, l, torch.full_like(l, 0.7), True, 0.4, "bshd", False, *extra)
+        assert_all_close(back[:3], want, tol=0)
+        assert [g.shape for g in A._bwd_fake(do, qb, kb, vb, o, l, None, True, 0.4, "bshd", False, *extra)] == \
+            [g.shape for g in want]
+
+
+def test_variants_route_to_the_torch_path_until_the_kernels_name_them(monkeypatch):
+    """_unsupported: a variant missing from LIMITS["variants"] is the reason a GPU call runs torch's
+    path; variants_used folds causal into the window (plain causal is no variant)."""
+    assert A.variants_used(-1, -1, 0.0) == () and A.variants_used(-1, 0, 0.0) == ()
+    assert A.variants_used(5, 0, 0.0) == ("window",) and A.variants_used(-1, 3, 2.0) == ("window", "softcap")
+    assert A._variant_args(-1, 0, 0.0) == () and A._variant_args(4, 0, 0.0) == (4, 0, 0.0)
+    if not EXT:
+        pytest.skip("extension not built")
+    monkeypatch.setattr(A, "_HAVE_FWD", True)
+    q = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16)
+    base = dict(A.LIMITS, variants=[])
+    monkeypatch.setattr(A, "LIMITS", base)
+    assert A._unsupported(q, 64, 3, 3, 0.125, None, True) is None
+    why = A._unsupported(q, 64, 3, 3, 0.125, None, True, ("varlen", "softcap"))
+    assert "varlen, softcap" in why and _backend.decide(True, why, mode="auto", ext_loaded=True) == "torch"
+    monkeypatch.setattr(A, "LIMITS", dict(base, variants=["window", "softcap", "varlen"]))
+    assert A._unsupported(q, 64, 3, 3, 0.125, None, True, ("varlen", "window", "softcap")) is None
+    assert A.FLASH_ATTENTION_VARLEN["torch"] is A._varlen_torch
+    assert A.FLASH_ATTENTION_VARLEN["kernel"] is A._varlen_kernel
+
+
+def _schema_has(op, arg):
+    return EXT and hasattr(torch.ops.gptkernels, op) and arg in str(getattr(torch.ops.gptkernels, op).default._schema)
+
+
+@pytest.mark.skipif(not HAS_VARLEN_OPS, reason="no flash_attn_varlen_* ops in this build of the extension")
+@pytest.mark.parametrize("kw", [dict(causal=False, window=(-1, -1), softcap=0.0),
+                                dict(causal=True, window=(3, 0), softcap=1.5)])
+def test_opcheck_varlen_cpu(kw):
+    q, k, v, cu_q, cu_k = packed(*LENS[1])
+    a = (cu_q, cu_k, 17, 20, kw["causal"], 0.4, kw["window"][0], kw["window"][1], kw["softcap"])
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_varlen_fwd, (q, k, v, *a, False))
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    if hasattr(torch.ops.gptkernels, "flash_attn_varlen_decode"):
+        torch.library.opcheck(torch.ops.gptkernels.flash_attn_varlen_decode, (qd, kd, vd, *a))
+    if hasattr(torch.ops.gptkernels, "flash_attn_varlen_bwd"):
+        out, lse = A.attention_varlen_ref(qd, kd, vd, cu_q, cu_k, kw["causal"], 0.4, kw["window"], kw["softcap"])
+        for dlse in (None, torch.randn_like(lse)):
+            torch.library.opcheck(torch.ops.gptkernels.flash_attn_varlen_bwd,
+                                  (torch.randn_like(out), qd, kd, vd, out, lse, dlse, *a, False))
+
+
+@pytest.mark.skipif(not _schema_has("flash_attn_fwd", "window_left"),
+                    reason="flash_attn_fwd has no window/softcap arguments in this build of the extension")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_opcheck_dense_variants_cpu(layout):
+    shape = lambda h, s: (2, h, s, 8) if layout == "bhsd" else (2, s, h, 8)  # noqa: E731
+    q, k, v = (torch.randn(shape(h, s), requires_grad=True) for h, s in ((4, 5), (2, 7), (2, 7)))
+    a = (True, 0.35, layout, None)
+    torch.library.opcheck(torch.ops.gptkernels.flash_attn_fwd, (q, k, v, *a, False, 2, 0, 1.5))
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    if _schema_has("flash_attn_decode", "window_left"):
+        torch.library.opcheck(torch.ops.gptkernels.flash_attn_decode, (qd, kd, vd, *a, 2, 0, 1.5))
+    if _schema_has("flash_attn_bwd", "window_left"):
+        out, lse = A.attention_ref(qd, kd, vd, True, 0.35, layout, window=(2, 0), softcap=1.5)
+        out = out.contiguous()
+        torch.library.opcheck(torch.ops.gptkernels.flash_attn_bwd,
+                              (torch.randn_like(out), qd, kd, vd, out, lse, torch.randn_like(lse), True, 0.35, layout,
+                               False, 2, 0, 1.5))
+
+
+# ---- CUDA (the torch path: varlen_attn, SDPA with masks, the chunked softcap; the kernels once named) ---
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("same", [True, False])
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_varlen_cuda(dtype, same, kw):
+    """flash_attention_varlen on a GPU against the fp32 reference of the same inputs: out and lse
+    within the dtype's rounding, gradients (also through lse) likewise."""
+    torch.manual_seed(8)
+    lens = LENS[0] if same else LENS[1]
+    q, k, v, cu_q, cu_k = packed(*lens, hq=4, hkv=2, d=64, dtype=dtype, device="cuda")
+    if same:
+        cu_k = cu_q
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    fn = lambda q, k, v: gptkernels.flash_attention_varlen(q, k, v, cu_q, cu_k, 17, 20, **kw)  # noqa: E731
+    got = grads_of(fn, (q, k, v), dout)
+    want = grads_of(lambda q, k, v: A.attention_varlen_ref(q.float(), k.float(), v.float(), cu_q, cu_k,
+                                                           kw.get("causal", False), 1 / 8, kw.get("window", (-1, -1)),
+                                                           kw.get("softcap", 0.0)), (q, k, v), dout)
+    assert torch.equal(torch.isfinite(got[1]), torch.isfinite(want[1]))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("sq,sk", [(128, 128), (64, 200), (200, 64)])
+@pytest.mark.parametrize("kw", VARIANTS[2:])
+def test_dense_variants_cuda(layout, sq, sk, kw):
+    """flash_attention with a window / softcap on a GPU (varlen_attn's sliding window for Sq == Sk,
+    SDPA with the mask otherwise, the chunked softcap) against the fp32 reference."""
+    torch.manual_seed(9)
+    shape = lambda h, s: (2, h, s, 64) if layout == "bhsd" else (2, s, h, 64)  # noqa: E731
+    q, k, v = (torch.randn(shape(h, s), device="cuda", dtype=torch.bfloat16) for h, s in ((4, sq), (2, sk), (2, sk)))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    got = grads_of(lambda q, k, v: gptkernels.flash_attention(q, k, v, layout=layout, **kw), (q, k, v), dout)
+    want = grads_of(lambda q, k, v: A.attention_ref(q.float(), k.float(), v.float(), kw.get("causal", False), 1 / 8,
+                                                    layout, window=kw.get("window", (-1, -1)),
+                                                    softcap=kw.get("softcap", 0.0)), (q, k, v), dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
