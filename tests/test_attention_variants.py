@@ -284,12 +284,14 @@ def test_lse_grad_functions_cpu():
     torch.manual_seed(6)
     q, k, v, cu_q, cu_k = packed(*LENS[0])
     w = torch.randn(4, q.shape[0])
-    want = grads_of(lambda q, k, v: (torch.zeros_like(q), A.attention_varlen_ref(q, k, v, cu_q, cu_k, True, 0.4,
-                                                                                  (3, 0))[1] * w), (q, k, v), torch.zeros(q.shape))
+    zero = torch.zeros(q.shape)
+    want = grads_of(lambda q, k, v: (torch.zeros_like(q),
+                                     A.attention_varlen_ref(q, k, v, cu_q, cu_k, True, 0.4, (3, 0))[1] * w),
+                    (q, k, v), zero)
     lse = A.attention_varlen_ref(q, k, v, cu_q, cu_k, True, 0.4, (3, 0))[1].detach()
     got = grads_of(lambda q, k, v: (torch.zeros_like(q) + 0 * v.sum(),
                                     AT._VarlenLseGrad.apply(q, k, lse, cu_q, cu_k, 0.4, True, (3, 0)) * w),
-                   (q, k, v), torch.zeros(q.shape))
+                   (q, k, v), zero)
     assert_all_close(got[2:4], want[2:4])
     qd, kd = torch.randn(2, 4, 6, 8, requires_grad=True), torch.randn(2, 2, 6, 8, requires_grad=True)
     wd = torch.randn(2, 4, 6)
