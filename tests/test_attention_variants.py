@@ -5,8 +5,6 @@ heads and query rows in float64, independent of gptkernels.ops.attention_ref (un
 the references, the torch path's functions (run directly on the CPU), flash_attention(_varlen)
 (the reference path on the CPU), the op registrations' Python functions, input checks, compile.
 """
-import math
-
 import pytest
 import torch
 
