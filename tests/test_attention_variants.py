@@ -361,7 +361,11 @@ def test_variants_route_to_the_torch_path_until_the_kernels_name_them(monkeypatc
     path; variants_used folds causal into the window (plain causal is no variant)."""
     assert A.variants_used(-1, -1, 0.0) == () and A.variants_used(-1, 0, 0.0) == ()
     assert A.variants_used(5, 0, 0.0) == ("window",) and A.variants_used(-1, 3, 2.0) == ("window", "softcap")
-    assert A._variant_args(-1, 0, 0.0) == () and A._variant_args(4, 0, 0.0) == (4, 0, 0.0)
+    monkeypatch.setattr(A, "_VARIANT_ARGS", {"flash_attn_fwd": True, "flash_attn_decode": False})
+    assert A._variant_args("flash_attn_fwd", -1, 0, 0.0) == (-1, 0, 0.0)  # causal as window_right = 0
+    assert A._variant_args("flash_attn_decode", 4, 0, 1.0) == () and A._variant_args("flash_attn_bwd", 4, 0, 0) == ()
+    for op in ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_decode"):  # the built schemas, as they are
+        assert A._takes_variant_args(op) == _schema_has(op, "window_left")
     if not EXT:
         pytest.skip("extension not built")
     monkeypatch.setattr(A, "_HAVE_FWD", True)
