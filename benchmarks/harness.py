@@ -40,6 +40,7 @@ class Case:
     modes: tuple = ("fwd", "bwd")
     flops: Callable[[str], float] | None = None  # mode -> floating-point operations
     bytes: Callable[[str], float] | None = None  # mode -> bytes moved (say how they are counted in the op's file)
+    tokens: int | None = None  # tokens processed per call (-> tokens_per_s; say which tokens count in the op's file)
     baseline: str = "torch"
     notes: dict = field(default_factory=dict)
 
@@ -161,6 +162,8 @@ def run_case(case: Case, warmup: int = 5, rep: int = 30, log=print) -> list[dict
                     row["tflops"] = case.flops(mode) / (row["ms"] * 1e-3) / 1e12
                 if case.bytes:
                     row["gbps"] = case.bytes(mode) / (row["ms"] * 1e-3) / 1e9
+                if case.tokens:
+                    row["tokens_per_s"] = case.tokens / (row["ms"] * 1e-3)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
@@ -183,7 +186,8 @@ def _add_ratios(rows, baseline):
 def format_row(r) -> str:
     if "error" in r:
         return f"  {r['op']:<14} {r['case']:<34} {r['provider']:<16} {r['mode'] or '':<8} ERROR {r['error'][:80]}"
-    metric = f"{r['tflops']:8.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:8.1f} GB/s" if "gbps" in r else ""
+    metric = (f"{r['tflops']:8.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:8.1f} GB/s" if "gbps" in r
+              else f"{r['tokens_per_s']:10.3g} tok/s" if "tokens_per_s" in r else "")
     ratio = next((f"{v:6.2f}x {k[len('speedup_vs_'):]}" for k, v in r.items() if k.startswith("speedup_vs_")), "")
     return f"  {r['op']:<14} {r['case']:<34} {r['provider']:<16} {r['mode']:<8} {r['ms']:9.4f} ms {metric}  {ratio}"
 

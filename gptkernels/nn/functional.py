@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gptkernels.ops.activation import bias_act
-from gptkernels.ops.attention import flash_attention, scaled_dot_product_attention
+from gptkernels.ops.attention import flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from gptkernels.ops.loss import cross_entropy, linear_cross_entropy
 from gptkernels.ops.layernorm import add_layer_norm, layer_norm
 from gptkernels.ops.mlp import fused_mlp, linear_act
@@ -24,5 +24,5 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["bias_gelu", "bias_relu", "layer_norm", "add_layer_norm", "scaled_dot_product_attention",
-           "flash_attention", "linear_act", "cross_entropy",
+           "flash_attention", "flash_attention_varlen", "linear_act", "cross_entropy",
            "fused_mlp", "linear_cross_entropy"]

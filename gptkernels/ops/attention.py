@@ -71,10 +71,21 @@ def variants_used(window_left: int, window_right: int, softcap: float) -> tuple[
     return (("window",) if window_left >= 0 or window_right > 0 else ()) + (("softcap",) if softcap else ())
 
 
-def _variant_args(window_left: int, window_right: int, softcap: float) -> tuple:
-    """The ops' trailing (window_left, window_right, softcap), or () when no variant is used (so calls
-    without one run on an extension whose schemas predate them)."""
-    return (window_left, window_right, float(softcap)) if variants_used(window_left, window_right, softcap) else ()
+def _takes_variant_args(op: str) -> bool:
+    """The built op's schema has the trailing window_left, window_right, softcap (VARLEN_SPEC)."""
+    return _backend.has_kernel(op) and any(a.name == "window_left"
+                                           for a in getattr(torch.ops.gptkernels, op).default._schema.arguments)
+
+
+# Per dense op: whether its schema takes them. Calls pass them whenever it does (causal folded into
+# window_right = 0, so a kernel may read the window alone), and never to an older build's schema
+# (where no call using a variant reaches the kernels: LIMITS has no "variants" there).
+_VARIANT_ARGS = {op: _takes_variant_args(op) for op in ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_decode")}
+
+
+def _variant_args(op: str, window_left: int, window_right: int, softcap: float) -> tuple:
+    """The trailing (window_left, window_right, softcap) for `op`, or () where its schema lacks them."""
+    return (int(window_left), int(window_right), float(softcap)) if _VARIANT_ARGS.get(op) else ()
 
 
 # ---- registration: fake, CPU implementation (the reference), autograd; schemas come from C++ ------
@@ -146,7 +157,8 @@ def _backward(ctx, dout, dlse):
                                        window=(wl, wr), softcap=softcap)
     else:
         dq, dk, dv = torch.ops.gptkernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale,
-                                                         ctx.layout, ctx.deterministic, *_variant_args(*ctx.variant))
+                                                         ctx.layout, ctx.deterministic,
+                                                         *_variant_args("flash_attn_bwd", *ctx.variant))
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -299,10 +311,11 @@ def _unsupported(q, head_dim: int, sq: int, sk: int, scale: float, kv_lens, need
 def _attention_kernel(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad, window=NO_WINDOW,
                       softcap=0.0):
     kl = None if kv_lens is None else kv_lens.to(torch.int32)
-    extra = _variant_args(window[0], window[1], softcap)
     if not needs_grad and _HAVE_DECODE:  # (it picks its engine and number of key splits itself)
-        return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl, *extra)
-    return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic), *extra)
+        return torch.ops.gptkernels.flash_attn_decode(q, k, v, causal, scale, layout, kl,
+                                                      *_variant_args("flash_attn_decode", *window, softcap))
+    return torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, kl, bool(deterministic),
+                                               *_variant_args("flash_attn_fwd", *window, softcap))
 
 
 def _attention_torch(q, k, v, causal, scale, layout, kv_lens, deterministic, needs_grad, window=NO_WINDOW,

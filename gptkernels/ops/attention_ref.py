@@ -53,7 +53,7 @@ def cap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
 def masked_softmax(s: torch.Tensor):
     """(p, lse) of scores masked with -inf, a row with no visible key giving p = 0 and lse = -inf,
     with finite gradients everywhere (autograd through it is the varlen reference's backward)."""
-    m = s.detach().amax(dim=-1, keepdim=True)
+    m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(s.shape[:-1] + (1,))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     total = e.sum(dim=-1, keepdim=True)
@@ -61,6 +61,11 @@ def masked_softmax(s: torch.Tensor):
     safe = torch.where(seen, total, torch.ones_like(total))
     lse = torch.where(seen, torch.log(safe) + m, torch.full_like(m, float("-inf")))
     return e / safe, lse[..., 0]
+
+
+def probs_from_lse(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(s - lse) for masked scores s and lse [..., 1]: 0 where no key is seen (lse = -inf)."""
+    return torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf")))
 
 
 def attention_ref(q, k, v, causal: bool = False, scale: float | None = None, layout: str = "bhsd", kv_lens=None,
@@ -109,8 +114,7 @@ def attention_bwd_ref(dout, q, k, v, out, lse, dlse, causal: bool, scale: float,
     mask = attention_mask(Sq, Sk, causal, None, B, q.device, window=window)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    lse_ = lse.float()[..., None]
-    p = torch.exp(s - lse_.masked_fill(lse_ == float("-inf"), float("inf")))
+    p = probs_from_lse(s, lse.float()[..., None])
     dvx = torch.matmul(p.transpose(-1, -2), dob)
     dp = torch.matmul(dob, vx.transpose(-1, -2))
     delta = (dob * ob).sum(-1, keepdim=True)
@@ -140,6 +144,19 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k):
     return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
 
 
+def per_sequence(fn, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Packed (out (total_q, Hq, D), lse (Hq, total_q)) from fn(q_b, k_b, v_b) -> (out, lse) run on each
+    sequence as a dense batch of 1 in layout "bshd"."""
+    outs, lses = [], []
+    for q0, q1, k0, k1 in seq_bounds(cu_seqlens_q, cu_seqlens_k):
+        o, l = fn(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1])
+        outs.append(o[0])
+        lses.append(l[0])
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    return out.contiguous(), lse.contiguous()
+
+
 def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool = False, scale: float | None = None,
                          window=NO_WINDOW, softcap: float = 0.0):
     """Packed variable-length attention in fp32: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence b
@@ -147,15 +164,8 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool = Fal
     (out (total_q, Hq, D) in q's dtype, lse fp32 (Hq, total_q)); differentiable (autograd through
     the math, finite also for rows that see no key)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    outs, lses = [], []
-    for q0, q1, k0, k1 in seq_bounds(cu_seqlens_q, cu_seqlens_k):
-        o, l = attention_ref(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale, "bshd",
-                             window=window, softcap=softcap)
-        outs.append(o[0])
-        lses.append(l[0])
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
-    return out.contiguous(), lse.contiguous()
+    return per_sequence(lambda qb, kb, vb: attention_ref(qb, kb, vb, causal, scale, "bshd", window=window,
+                                                         softcap=softcap), q, k, v, cu_seqlens_q, cu_seqlens_k)
 
 
 def attention_varlen_bwd_ref(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, causal: bool, scale: float,

@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gptkernels.ops.attention_ref import NO_WINDOW, attention_mask, fold_causal, seq_bounds, to_bhsd
+from gptkernels.ops.attention_ref import (NO_WINDOW, attention_mask, fold_causal, per_sequence, probs_from_lse,
+                                          seq_bounds, to_bhsd)
 
 
 def _score_chunks(q, k, scale: float, causal: bool, kv_lens, window=NO_WINDOW, softcap: float = 0.0):
@@ -43,10 +44,6 @@ def _score_chunks(q, k, scale: float, causal: bool, kv_lens, window=NO_WINDOW, s
         yield rows, (s if mask is None else s.masked_fill(~mask, float("-inf"))), t
 
 
-def _probs(s, lse_c):
-    return torch.exp(s - lse_c.masked_fill(lse_c == float("-inf"), float("inf")))  # 0 where no key is seen
-
-
 def _lse_backward(q, k, lse, dlse, scale, causal, kv_lens, window, softcap):
     """(dq, dk) fp32 of lse alone: d lse_i / d s_ij = p_ij (times 1 - tanh^2 under a softcap)."""
     B, Hq, Sq, D = q.shape
@@ -57,7 +54,7 @@ def _lse_backward(q, k, lse, dlse, scale, causal, kv_lens, window, softcap):
     kf = k.float()
     for rows, s, t in _score_chunks(q, k, scale, causal, kv_lens, window, softcap):
         r = slice(rows.start, rows.stop)
-        w = _probs(s, lse[:, :, r, None]) * dlse[:, :, r, None].float()
+        w = probs_from_lse(s, lse[:, :, r, None]) * dlse[:, :, r, None].float()
         if softcap:
             w = w * (1 - t * t)
         w = w.reshape(B, Hkv, g * len(rows), Sk)
@@ -121,7 +118,7 @@ class _ChunkedAttention(torch.autograd.Function):
         for rows, s, _ in _score_chunks(q, k, scale, causal, kv_lens, window, softcap):
             r = slice(rows.start, rows.stop)
             lse[:, :, r] = torch.logsumexp(s, dim=-1)
-            p = _probs(s, lse[:, :, r, None]).reshape(B, Hkv, g * len(rows), Sk)
+            p = probs_from_lse(s, lse[:, :, r, None]).reshape(B, Hkv, g * len(rows), Sk)
             out[:, :, r] = torch.matmul(p, vf).reshape(B, Hq, len(rows), D)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, kv_lens)
@@ -145,7 +142,7 @@ class _ChunkedAttention(torch.autograd.Function):
             delta = delta - dlse.float()[..., None]
         for rows, s, t in _score_chunks(q, k, scale, causal, kv_lens, window, softcap):
             r, n = slice(rows.start, rows.stop), len(rows)
-            p = _probs(s, lse[:, :, r, None])
+            p = probs_from_lse(s, lse[:, :, r, None])
             do = dout[:, :, r].float()
             dp = torch.matmul(do.reshape(B, Hkv, g * n, D), vf.transpose(-1, -2)).reshape(B, Hq, n, Sk)
             ds = p * (dp - delta[:, :, r])
@@ -294,12 +291,6 @@ def attention_varlen_loop(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool = Fa
     """Packed variable-length attention as a loop over the sequences, each the dense torch path
     (attention_torch, batch 1, layout "bshd"); one host sync for the bounds. Differentiable."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    outs, lses = [], []
-    for q0, q1, k0, k1 in seq_bounds(cu_seqlens_q, cu_seqlens_k):
-        o, l = attention_torch(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale, "bshd",
-                               window=window, softcap=softcap, deterministic=deterministic)
-        outs.append(o[0])
-        lses.append(l[0])
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
-    return out.contiguous(), lse.contiguous()
+    return per_sequence(lambda qb, kb, vb: attention_torch(qb, kb, vb, causal, scale, "bshd", window=window,
+                                                           softcap=softcap, deterministic=deterministic),
+                        q, k, v, cu_seqlens_q, cu_seqlens_k)
