@@ -252,11 +252,46 @@ def test_bad_documents_are_named():
 
 
 def test_torch_compile_with_documents():
-    """The document-masked forward and backward trace as one graph (max_seqlen a Python int) and
-    give the eager loss. Two batches whose documents differ but fall in the same buckets (8
-    sequences after padding, max_seqlen 16) run on that one graph, without recompiling."""
-    from torch._dynamo.testing import CompileCounterWithBackend
+    """torch.compile of the document-masked forward and backward (max_seqlen a Python int) gives
+    eager's loss and gradients. (On the CPU the varlen reference reads cu_seqlens on the host, a
+    graph break: fullgraph=False, as the library's own varlen compile test.)"""
     model = GPT(cfg(n_layer=1, window=4, attn_softcap=5.0))
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = packed_batch(2, 16, seed=1)
+    docs = split_documents(x, EOS)
+    _, loss = compiled(x, y, docs=docs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, expected = model(x, y, docs=docs)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softcap, check_inputs, **kw):
+    """flash_attention_varlen for q = k = v sequences as one masked dense attention, without host
+    syncs (segment ids by searchsorted): a stand-in that torch.compile traces whole."""
+    N, H, D = q.shape
+    seg = torch.searchsorted(cu_q, torch.arange(N, dtype=cu_q.dtype), right=True)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    mask = (seg[:, None] == seg[None, :]) & (j <= i) & ((i - j <= window[0]) if window[0] >= 0 else True)
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
+    s = softcap * torch.tanh(s / softcap) if softcap > 0 else s
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    return torch.einsum("hqk,khd->qhd", p, v), None
+
+
+def test_model_traces_as_one_graph_with_documents(monkeypatch):
+    """The model's own document-masking code has no host syncs and no data-dependent branches: with
+    a traceable attention it compiles as one graph (fullgraph), and two batches whose documents
+    differ but fall in the same buckets (8 sequences after padding, max_seqlen 16) reuse it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(gmodel, "flash_attention_varlen", _dense_varlen)
+    model = GPT(cfg(n_layer=1, window=4, attn_softcap=5.0))
+    model.check_token_ids = False  # (as training does: the data were checked when loaded)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     for eos_at in (([5], [3, 9]), ([4, 8, 13], [9])):  # 5 documents, the longest 11; 6, the longest 9
@@ -269,7 +304,17 @@ def test_torch_compile_with_documents():
         torch.testing.assert_close(loss, model(x, y, docs=docs)[1], atol=1e-6, rtol=1e-6)
         loss.backward()
     assert counter.frame_count == 1
-    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_models_with_other_softcaps_and_windows_compile_fullgraph_in_one_process():
+    """The window and softcap stay constants of the graph: compiling a second model with other
+    values retraces it (rather than turning the softcap into a symbolic float that the attention's
+    argument checks cannot trace)."""
+    idx = torch.randint(0, V, (2, 9))
+    for kw in (dict(window=3, attn_softcap=5.0), dict(), dict(window=[1, -1], attn_softcap=2.5)):
+        model = GPT(cfg(**kw))
+        out, _ = torch.compile(model, fullgraph=True, backend="eager")(idx)
+        torch.testing.assert_close(out, model(idx)[0], atol=1e-6, rtol=1e-6)
 
 
 # ---- training through the CLI ---------------------------------------------------------------------
@@ -312,7 +357,7 @@ def test_window_softcap_and_masking_round_trip_through_a_checkpoint(tiny_data, t
     assert main(base + ["--max-steps", "3"]) == 0
     model, tok, kind = load_model(out)
     assert model.config.window == [8, -1] and model.config.attn_softcap == 20.0
-    assert model.transformer.h[0].attn.window == (8, 0) and model.transformer.h[1].attn.window == (-1, 0)
+    assert [blk.attn.variant for blk in model.transformer.h] == [((8, 0), 20.0), ((-1, 0), 20.0)]
     assert main(base + ["--max-steps", "5", "--resume"]) == 0  # resumes with the same model
     capsys.readouterr()
     assert main(["generate", out, "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0",

@@ -70,8 +70,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.window = (config.layer_window(layer_idx), 0)  # (left, right): causal, -1 = unbounded
-        self.softcap = config.attn_softcap
+        # (window, softcap) of every attention call: window (left, right), causal, -1 = unbounded. One
+        # tuple, so torch.compile keeps the softcap a constant (a float attribute becomes a symbolic
+        # input once models with different softcaps are compiled in one process).
+        self.variant = ((config.layer_window(layer_idx), 0), config.attn_softcap)
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # q | k | v, GPT-2's fused layout
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -86,11 +88,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = linear_act(x, self.c_attn.weight, self.c_attn.bias)
+        window, softcap = self.variant
         if docs is not None:  # (B*T, heads, D) views of the packed tokens, no copies
             q, k, v = qkv.view(B * T, H + 2 * Hkv, self.head_dim).split([H, Hkv, Hkv], dim=1)
             cu = docs.cu_seqlens
             y, _ = flash_attention_varlen(q, k, v, cu, cu, docs.max_seqlen, docs.max_seqlen, causal=True,
-                                          window=self.window, softcap=self.softcap, check_inputs=False)
+                                          window=window, softcap=softcap, check_inputs=False)
             return linear_act(y.reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
         q, k, v = qkv.view(B, T, H + 2 * Hkv, self.head_dim).split([H, Hkv, Hkv], dim=2)  # "bshd" views
         kv_lens = None
@@ -98,8 +101,7 @@ class CausalSelfAttention(nn.Module):
             kc, vc = cache.write(self.layer_idx, k, v)
             if cache_pos is not None:
                 k, v, kv_lens = kc, vc, cache.kv_lens
-        y, _ = flash_attention(q, k, v, causal=True, layout="bshd", kv_lens=kv_lens, window=self.window,
-                               softcap=self.softcap)
+        y, _ = flash_attention(q, k, v, causal=True, layout="bshd", kv_lens=kv_lens, window=window, softcap=softcap)
         return linear_act(y.reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
 
