@@ -5,6 +5,7 @@ end-of-text tokens, flash_attention_varlen), on the CPU.
 Each is checked against an independent computation: a plain-PyTorch forward with an explicit
 (B, T, T) mask; every document run alone through the model; generation against argmax of a full
 recompute; the training CLI end to end; config and checkpoint round trips; one-line CLI errors."""
+import dataclasses
 import math
 import os
 import sys
@@ -363,6 +364,23 @@ def test_window_softcap_and_masking_round_trip_through_a_checkpoint(tiny_data, t
     assert main(["generate", out, "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_two_process_ddp_and_fsdp_with_document_masking_match_one_process(tiny_data, tmp_path):
+    """Document masking, windows and softcap under DDP and FSDP2 (2 gloo processes x batch 2) follow
+    one process x batch 4: a row's documents do not depend on which rank reads it."""
+    from gptkernels.gpt.train import train
+    from test_train import _torchrun
+    from train_helpers import tiny_cfg
+    kw = dict(max_steps=4, eval_interval=4, document_masking=True, window=[8, -1], attn_softcap=10.0)
+    one = train(tiny_cfg(tiny_data, str(tmp_path / "one"), batch_size=4, **kw), log=lambda s: None)
+    _torchrun([dataclasses.asdict(tiny_cfg(tiny_data, str(tmp_path / name), batch_size=2, fsdp=name == "fsdp", **kw))
+               for name in ("ddp", "fsdp")])
+    for name in ("ddp", "fsdp"):
+        losses = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / name)) if "loss" in r}
+        assert sorted(losses) == [1, 2, 3, 4]
+        for step, loss in losses.items():
+            assert loss == pytest.approx(one.losses[step], rel=2e-5, abs=2e-5), (name, step)
 
 
 @pytest.mark.parametrize("extra, needle", [

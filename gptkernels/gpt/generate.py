@@ -49,13 +49,14 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     eos_token_id: a sequence that emits it is finished and emits pad_token_id from
     then on (default eos_token_id); generation stops early when every sequence is finished.
     Positions past the end of a sequence hold pad_token_id (default eos_token_id, else 0).
-    A prompt plus max_new_tokens longer than block_size is an error (no sliding window).
+    A prompt plus max_new_tokens longer than block_size is an error (the context does not slide;
+    a model's attention window, config.window, applies within it).
 
     How it runs: one forward over the prompts fills a cache preallocated for every layer
     (B, capacity, Hkv, D), capacity = L + max_new_tokens rounded up (decode.capacity_bucket); then
     each step feeds one token per sequence at its own position, attending to its first kv_lens[b]
-    cached keys (flash_attention with kv_lens), and samples the next on the device
-    (decode.DecodeState). Dropout is off while generating (eval mode; the previous mode is restored).
+    cached keys (flash_attention with kv_lens, and the layer's window and softcap), and samples the
+    next on the device (decode.DecodeState). Dropout is off while generating (eval mode; the previous mode is restored).
 
     cuda_graph (default: on when idx is on a GPU; ignored on the CPU): capture the one-token step
     in a CUDA graph and replay it (cuda_graph.py): the batch is padded to a bucket, a graph is kept
