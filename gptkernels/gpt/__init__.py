@@ -2,6 +2,7 @@
 
   config.py       GPTConfig
   model.py        GPT: attention, Block, the model; forward, loss, sizes
+  documents.py    document masking: a packed batch's cu_seqlens and positions (split_documents)
   generate.py     GPT.generate: batched prompts, sampling, EOS
   decode.py       the fixed-shape decode step: KV cache, sampling on the device, per-call state
   cuda_graph.py   the decode step captured as a CUDA graph, kept per model and shape

@@ -50,9 +50,9 @@ from gptkernels.gpt import cuda_graph
 from gptkernels.gpt.decode import KVCache
 from gptkernels.gpt.documents import Documents, check_documents
 from gptkernels.gpt.generate import generate
-from gptkernels.nn.functional import add_layer_norm, flash_attention, linear_act, linear_cross_entropy
+from gptkernels.nn.functional import (add_layer_norm, flash_attention, flash_attention_varlen, linear_act,
+                                      linear_cross_entropy)
 from gptkernels.nn.modules import FusedMLP, LayerNorm
-from gptkernels.ops import flash_attention_varlen
 
 
 def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
