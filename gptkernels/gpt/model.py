@@ -137,8 +137,9 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         self.config = config
-        # Range-check token ids in forward (one host sync per call). A training loop whose data
-        # is known to be in range (gptkernels.gpt.train: shards checked against the vocabulary) turns it off.
+        # Range-check token ids (and the values of a docs argument) in forward: one host sync per call.
+        # A training loop whose data is known to be good (gptkernels.gpt.train: shards checked against
+        # the vocabulary, documents made by split_documents) turns it off.
         self.check_token_ids = True
         C = config.n_embd
         self.transformer = nn.ModuleDict()
