@@ -318,6 +318,41 @@ def test_models_with_other_softcaps_and_windows_compile_fullgraph_in_one_process
         torch.testing.assert_close(out, model(idx)[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.cuda
+def test_cuda_document_masked_training_step_matches_reference():
+    """One bf16-autocast forward + backward of a document-masked model with windows and a softcap on
+    the default path (the kernels where the extension implements the variants, else the torch path)
+    and on the reference path, each against the fp32 reference: error <= 2x the bf16 reference's
+    error + a bf16 floor (as tests/test_model.py's dense check)."""
+    import gptkernels
+    from helpers import UNIT_ROUNDOFF
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=256,
+                          window=[48, -1], attn_softcap=30.0)).cuda()
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randint(1, 1000, (2, 201), generator=g)
+    buf[torch.rand(2, 201, generator=g) < 0.02] = EOS
+    x, y, docs = gdata.to_device(buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), torch.device("cuda"), EOS)
+
+    def grads(mode, autocast):
+        model.zero_grad(set_to_none=True)
+        with gptkernels.backend(mode), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            _, loss = model(x, y, docs=docs)
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    exact_loss, exact = grads("reference", False)
+    ref_loss, ref = grads("reference", True)
+    loss, out = grads("auto", True)
+    assert abs(loss - exact_loss) <= 2 * abs(ref_loss - exact_loss) + 1e-2
+    for name in exact:
+        scale = exact[name].abs().max().item()
+        ref_err = (ref[name] - exact[name]).abs().max().item()
+        err = (out[name] - exact[name]).abs().max().item()
+        assert math.isfinite(err) and err <= 2 * ref_err + 8 * UNIT_ROUNDOFF[torch.bfloat16] * scale, \
+            (name, err, ref_err)
+
+
 # ---- training through the CLI ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
