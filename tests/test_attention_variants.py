@@ -498,3 +498,12 @@ def test_compile_fullgraph_dense_variants_cpu():
         t.grad = None
     f(q, k, v).backward()
     assert_all_close(got, [t.grad for t in (q, k, v)], tol=1e-6)
+
+
+def test_reference_propagates_nan():
+    """A NaN score gives a NaN row (out and lse), never the -inf of a row that sees no key: the
+    self-test tells a kernel that reads a cache past kv_lens by that NaN."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    k[0, :, 1] = float("nan")
+    out, lse = A.attention_ref(q, k, v)
+    assert lse.isnan().all() and out.isnan().all()

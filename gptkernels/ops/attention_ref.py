@@ -57,7 +57,7 @@ def masked_softmax(s: torch.Tensor):
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     total = e.sum(dim=-1, keepdim=True)
-    seen = total > 0
+    seen = total != 0  # (NaN scores stay NaN: a NaN input must not read as a row that sees no key)
     safe = torch.where(seen, total, torch.ones_like(total))
     lse = torch.where(seen, torch.log(safe) + m, torch.full_like(m, float("-inf")))
     return e / safe, lse[..., 0]
