@@ -8,8 +8,9 @@ only on the last one), bf16 autocast on GPU (fp32 on CPU), gradient clipping, Ad
 fused implementation on GPU; weight decay on the >= 2-D parameters only), a cosine learning-rate
 schedule after a linear warm-up. With document_masking each batch also carries its documents
 (gptkernels/gpt/documents.py: cu_seqlens and positions, computed from the CPU tokens by
-gdata.to_device before the copy, so no host sync); evaluation uses them too. The loss comes from GPT.forward(x, y): the LM head and the
-cross-entropy run chunked in linear_cross_entropy, the (B*T, vocab) logits never exist in full.
+gdata.to_device before the copy, so no host sync); evaluation uses them too. The loss comes from
+GPT.forward(x, y): the LM head and the cross-entropy run chunked in linear_cross_entropy, the
+(B*T, vocab) logits never exist in full.
 
 Multi-GPU / multi-node: run under torchrun; DistributedDataParallel (NCCL on GPU, gloo on CPU),
 or FSDP2 (`fsdp=True`: fully_shard on each Block, then the root) for models that do not fit one
