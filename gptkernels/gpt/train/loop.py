@@ -106,7 +106,9 @@ def _loop(run: Run, say, msg, stop_signal) -> TrainResult:
     n_params = raw.num_params()
     peak = peak_flops(d.device, cfg.peak_tflops)
     msg(f"model: {n_params / 1e6:.2f}M parameters (non-embedding), {mcfg.n_layer} layers x {mcfg.n_head} heads x "
-        f"{mcfg.n_embd}, vocab {mcfg.vocab_size}, T={cfg.block_size}")
+        f"{mcfg.n_embd}, vocab {mcfg.vocab_size}, T={cfg.block_size}"
+        f"{f', attention window {mcfg.window}' if mcfg.window is not None else ''}"
+        f"{f', attention softcap {mcfg.attn_softcap:g}' if mcfg.attn_softcap else ''}")
     msg(f"data: {run.data_dir}: {run.train_split.n_tokens:,} train tokens ({run.train_split.n_windows:,} sequences)"
         f"{f', {run.val_split.n_tokens:,} val' if run.val_split else ', no val split'}")
     msg(f"step: {tps:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world} process(es) x {accum} "
