@@ -92,7 +92,7 @@ _TRAIN_HELP = {
     "pos_embedding": "position embedding", "tie_embeddings": "share the LM head with the token embedding",
     "window": "sliding-window attention: W (every layer: a token sees itself and the W before it), or a "
               "comma-separated list with one entry per layer, -1 or global = full causal attention",
-    "attn_softcap": "cap the attention scores at c * tanh(s / c) (0: off)",
+    "attn_softcap": "C > 0: attention scores s become C * tanh(s / C) before the softmax (0: off)",
     "document_masking": "attend within each document only (documents start at the end-of-text token; a "
                         "document split across rows is two), positions restart per document",
     "pad_vocab": "pad the vocabulary to a multiple of this (1: no padding)",
