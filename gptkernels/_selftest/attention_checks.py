@@ -4,7 +4,10 @@ split-KV forward (flash_attn_decode: its CUDA-core kernel and the tensor-core fo
 keys), each against gptkernels.ops.attention.attention_ref in fp64 (the reference, fp32 softmax) and
 in the half dtype (the baseline). Shapes: odd sequence lengths on both sides of the tile sizes,
 Sq > Sk with causal masking (fully masked rows: out 0, lse -inf), grouped-query heads, both layouts
-and padded head dims (40, 96)."""
+and padded head dims (40, 96). The variants (sliding window, softcap, packed variable-length
+batches) are checked when the extension lists them in limits()["attention"]["variants"]: dense
+calls with a window and/or softcap through the same three ops, and flash_attn_varlen_{fwd,bwd,decode}
+on packed batches with an empty sequence and sequences of 1 and 17 tokens."""
 from __future__ import annotations
 
 import math
@@ -13,7 +16,8 @@ import torch
 
 from gptkernels._selftest.harness import HALF, dtype_name, generator, poison, randn, run_case, select, sync
 from gptkernels._selftest.harness import torch_math as tm
-from gptkernels.ops.attention import attention_ref
+from gptkernels.ops.attention import LIMITS, attention_ref
+from gptkernels.ops.attention_ref import per_sequence
 
 BF16, FP16 = HALF
 F64 = torch.float64
@@ -46,6 +50,109 @@ DECODE_CASES = [  # quick, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout, kv_lens
     (False, BF16, 1, 4, 2, 40, 1000, 128, True, "bshd", (600,)),
     (False, FP16, 2, 2, 2, 33, 500, 96, False, "bhsd", None),
 ]
+
+
+# Variants. Dense: quick, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout, window, softcap
+VARIANT_CASES = [
+    (True, BF16, 1, 4, 2, 300, 300, 64, True, "bshd", (100, 0), 0.0),
+    (True, FP16, 2, 2, 2, 129, 129, 128, False, "bhsd", (-1, -1), 30.0),
+    (False, BF16, 1, 4, 4, 77, 300, 128, False, "bhsd", (64, 17), 5.0),
+    (False, FP16, 2, 4, 1, 200, 200, 64, True, "bshd", (0, 0), 0.0),
+]
+# Varlen: quick, dtype, Hq, Hkv, query lengths, key lengths, D, causal, window, softcap
+VARLEN_CASES = [
+    (True, BF16, 4, 2, (17, 0, 1, 130), (17, 0, 1, 130), 64, True, (-1, -1), 0.0),
+    (False, FP16, 2, 2, (5, 17, 64), (40, 17, 200), 128, False, (32, 8), 0.0),
+    (False, BF16, 4, 1, (129, 1, 0, 65), (129, 1, 3, 65), 64, True, (48, 0), 20.0),
+]
+
+
+def _variant_names(window, softcap):
+    return (("window",) if window[0] >= 0 or window[1] > 0 else ()) + (("softcap",) if softcap else ())
+
+
+def _kernels_take(names) -> bool:
+    return set(names) <= set(LIMITS.get("variants", ()))
+
+
+def _variant_fwd(o, k, dev, g, dtype, B, Hq, Hkv, Sq, Sk, D, causal, layout, window, softcap, op):
+    q, kk, v, _ = _qkv(g, dev, dtype, B, Hq, Hkv, Sq, Sk, D, layout)
+    q = q * 4  # large scores, so that a softcap matters
+    scale = 1.0 / math.sqrt(D)
+    wl, wr = window
+    dout = randn(g, q.shape, dtype, dev)
+    poison(dev, 8 * (q.numel() + 2 * kk.numel()) * q.element_size())
+    if op == "decode":
+        out, lse = k.flash_attn_decode(q, kk, v, causal, scale, layout, None, wl, wr, softcap)
+    else:
+        out, lse = k.flash_attn_fwd(q, kk, v, causal, scale, layout, None, False, wl, wr, softcap)
+    grads = None
+    if op == "bwd":
+        grads = k.flash_attn_bwd(dout, q, kk, v, out, lse, None, causal, scale, layout, False, wl, wr, softcap)
+    sync(dev)
+
+    def f(q, kk, v):
+        return attention_ref(q, kk, v, causal, scale, layout, upcast=False, window=window, softcap=softcap)
+
+    _compare(o, f, q, kk, v, dout, dtype, out, lse, grads)
+
+
+def _compare(o, f, q, kk, v, dout, dtype, out, lse, grads):
+    douts = [dout, None] if grads is not None else [None, None]
+    (o64, lse64), g64 = tm(f, [q, kk, v], douts, F64)
+    (ol, lsel), gl = tm(f, [q, kk, v], douts, dtype)
+    o.add("out", out, o64, ol)
+    o.expect(torch.equal(torch.isneginf(lse), torch.isneginf(lse64)), "lse: the -inf (fully masked) rows differ")
+    o.add("lse", lse, lse64, lsel, torch.float32)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), grads or (), g64, gl):
+        o.add(name, got, ref, base)
+
+
+def _varlen(o, k, dev, g, dtype, Hq, Hkv, lens_q, lens_k, D, causal, window, softcap, op):
+    def cu(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    q = randn(g, (sum(lens_q), Hq, D), dtype, dev, 4.0)
+    kk, v = randn(g, (sum(lens_k), Hkv, D), dtype, dev), randn(g, (sum(lens_k), Hkv, D), dtype, dev)
+    scale = 1.0 / math.sqrt(D)
+    wl, wr = window
+    args = (cu_q, cu_k, max(lens_q), max(lens_k), causal, scale, wl, wr, softcap)
+    dout = randn(g, q.shape, dtype, dev)
+    poison(dev, 8 * (q.numel() + 2 * kk.numel()) * q.element_size())
+    if op == "decode":
+        out, lse = k.flash_attn_varlen_decode(q, kk, v, *args)
+    else:
+        out, lse = k.flash_attn_varlen_fwd(q, kk, v, *args, False)
+    grads = None
+    if op == "bwd":
+        grads = k.flash_attn_varlen_bwd(dout, q, kk, v, out, lse, None, *args, False)
+    sync(dev)
+
+    def f(q, kk, v):
+        return per_sequence(lambda a, b, c: attention_ref(a, b, c, causal, scale, "bshd", upcast=False, window=window,
+                                                         softcap=softcap), q, kk, v, cu_q, cu_k)
+
+    _compare(o, f, q, kk, v, dout, dtype, out, lse, grads)
+
+
+def _variant_results(k, device, quick, g):
+    results = []
+    for op in ("fwd", "bwd", "decode"):
+        for c in select(VARIANT_CASES, quick):
+            if not (_kernels_take(_variant_names(c[10], c[11])) and hasattr(k, "flash_attn_fwd")):
+                continue
+            desc = _describe(*c[:9], c[9]) + f" window={c[10]} softcap={c[11]}"
+            results.append(run_case("attention", f"flash_attn_{op} variants", desc, c[0],
+                                    lambda o, c=c, op=op: _variant_fwd(o, k, device, g, *c, op), FLOOR_ULPS, MIN_SCALE))
+        for c in select(VARLEN_CASES, quick):
+            if not (_kernels_take(("varlen",) + _variant_names(c[8], c[9])) and hasattr(k, "flash_attn_varlen_fwd")):
+                continue
+            desc = (f"{dtype_name(c[1])} H{c[2]}/{c[3]} q{list(c[4])} k{list(c[5])} D{c[6]}"
+                    f"{' causal' if c[7] else ''} window={c[8]} softcap={c[9]}")
+            results.append(run_case("attention", f"flash_attn_varlen_{op}", desc, c[0],
+                                    lambda o, c=c, op=op: _varlen(o, k, device, g, *c, op), FLOOR_ULPS, MIN_SCALE))
+    return results
 
 
 def _qkv(g, dev, dtype, B, Hq, Hkv, Sq, Sk, D, layout, kv_lens=None):
@@ -120,4 +227,4 @@ def check_attention(k, device, quick=False):
                 (" dlse" if impl == "flash_attn_bwd" and c[10] else "")
             results.append(run_case("attention", impl, desc, c[0], lambda o, c=c, body=body: body(o, c),
                                     FLOOR_ULPS, MIN_SCALE))
-    return results
+    return results + _variant_results(k, device, quick, g)

@@ -275,7 +275,8 @@ FAMILIES = {f.name: f for f in (
            ("linear_cross_entropy_fwd",), check_linear_cross_entropy),
     Family("mlp", "linear / MLP epilogues", ("linear_act", "mlp"),
            ("linear_act_fwd", "linear_act_bwd", "mlp_fwd", "mlp_bwd"), check_mlp),
-    Family("attention", "attention fwd / bwd / decode", ("flash_attention", "scaled_dot_product_attention"),
-           ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_decode"), attention_checks.check_attention),
+    Family("attention", "attention fwd / bwd / decode", ("flash_attention", "flash_attention_varlen", "scaled_dot_product_attention"),
+           ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_decode", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd",
+            "flash_attn_varlen_decode"), attention_checks.check_attention),
 )}
 OP_FAMILY = {op: f.name for f in FAMILIES.values() for op in f.ops}

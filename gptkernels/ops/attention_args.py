@@ -63,6 +63,8 @@ def check_variant_args(causal, window, softcap) -> tuple[bool, int, int, float]:
         raise ValueError(f"window: each side must be -1 (unbounded) or >= 0, got {tuple(window)}")
     if causal and wr not in (-1, 0):
         raise ValueError(f"window: got {tuple(window)}; with causal=True the right side must be -1 or 0")
+    if isinstance(softcap, torch.SymFloat):  # a traced model attribute: the call specialises on its value
+        softcap = float(softcap)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise ValueError(f"softcap: expected a number (0 = off), got {softcap!r}")
     if not (math.isfinite(softcap) and softcap >= 0):
