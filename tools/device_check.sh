@@ -96,10 +96,10 @@ fi
 if [ -n "$FAILED_FAMILIES" ]; then
   declare -A FAMILY_TESTS=([bias_act]=tests/test_activation.py [layer_norm]=tests/test_layernorm.py
     [cross_entropy]=tests/test_loss.py [linear_cross_entropy]=tests/test_loss.py
-    [mlp]=tests/test_mlp.py [attention]=tests/test_attention.py)
+    [mlp]=tests/test_mlp.py [attention]="tests/test_attention.py tests/test_attention_variants.py")
   FILES=()
   for f in $FAILED_FAMILIES; do
-    t=${FAMILY_TESTS[$f]:-tests/}; [[ " ${FILES[*]} " == *" $t "* ]] || FILES+=("$t")
+    for t in ${FAMILY_TESTS[$f]:-tests/}; do [[ " ${FILES[*]} " == *" $t "* ]] || FILES+=("$t"); done
   done
   status "SELF-TEST FAILED ($FAILED_FAMILIES): the time left goes to it: CUDA tests of ${FILES[*]}"
   T=$(( $(left) - 90 )); [ $T -gt $TEST_BUDGET ] && T=$TEST_BUDGET
