@@ -71,7 +71,8 @@ struct DecodeConfig {
   static_assert(kKBytes == kStageKeys * kWidth * 2, "a stage is whole keys");
 };
 
-template <typename T, int kHeadDim>
+// kSoftcap: the kernel for params.softcap > 0 (compile-time, so that the other keeps its registers).
+template <typename T, int kHeadDim, bool kSoftcap>
 __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const FlashFwdParams p) {
   using Cfg = DecodeConfig<kHeadDim>;
   constexpr int kL = Cfg::kLanes, kU = Cfg::kUnroll, kStageKeys = Cfg::kStageKeys;
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
 
   // Query rows: q pre-scaled so that scores come out in log2 units (chunk l of each row).
   float q[kDecRows][8];
-  const float qscale = p.scale * kDecLog2e;
+  const float qscale = kSoftcap ? p.scale / p.softcap * (2.f * kDecLog2e) : p.scale * kDecLog2e;
 #pragma unroll
   for (int r = 0; r < kDecRows; ++r) {
     int h, s;
@@ -216,9 +217,9 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
         for (int j = 0; j < 8; ++j) acc = fmaf(q[r][j], kf[j], acc);
 #pragma unroll
         for (int sh = 1; sh < kL; sh <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, sh);
-        if (p.softcap > 0.f) {  // acc is in log2 units: cap' = cap * log2(e)
+        if constexpr (kSoftcap) {  // acc = 2 x log2(e), x = score / cap (q's scale): cap tanh(x) in log2 units
           const float cap = p.softcap * kDecLog2e;
-          acc = cap * tanhf(acc / cap);
+          acc = cap - __fdividef(2.f * cap, fast_exp2(acc) + 1.f);  // softcap_tanh, written out
         }
         const int rel = key - row_pos[r];
         sc[u][r] = key < k_end && rel <= wr && rel >= -wl ? acc : -INFINITY;
@@ -291,7 +292,9 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
   }
   __syncthreads();
 
-  // Final: thread t handles dims e of row r for (r, e) = t, t + 128, ...
+  // Final: thread t handles dims e of row r for (r, e) = t, t + 128, ... (the sequence's bounds
+  // re-read rather than kept live across the loop)
+  const SeqBounds se = seq_bounds(p, static_cast<int>(opaque(static_cast<uint32_t>(b))));
   for (int idx = tid; idx < nrows * kW; idx += kDecThreads) {
     const int r = idx / kW, e = idx % kW;
     if (e >= p.d) continue;
@@ -310,11 +313,10 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
     const bool any = ls > 0.f;
     const float out = any ? acc / ls : 0.f;
     const float lse = any ? (mx + log2f(ls)) * kDecLn2 : -INFINITY;
-    int h, s;
-    out_row(r, h, s);
-    const int64_t row_global = q_row(p, b, h, sb.q_off, s);
+    const int h = hk * group + (row0 + r) / se.sq, s = (row0 + r) % se.sq;
+    const int64_t row_global = q_row(p, b, h, se.q_off, s);
     if (p.num_splits == 1) {
-      T* op = static_cast<T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + (sb.q_off + s) * p.o.row_stride;
+      T* op = static_cast<T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + (se.q_off + s) * p.o.row_stride;
       op[e] = from_float<T>(out);
       if (e == 0) p.lse[row_global] = lse;
     } else {
@@ -374,7 +376,10 @@ cudaError_t run_flash_decode_sm80(const FlashFwdParams& p, cudaStream_t stream) 
     const int64_t row_groups = ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows);
     const int64_t grid = static_cast<int64_t>(p.num_splits) * row_groups * p.batch * p.hkv;
     if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-    flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+    if (p.softcap > 0.f)
+      flash_decode_kernel<T, kHeadDim, true><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+    else
+      flash_decode_kernel<T, kHeadDim, false><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
     err = cudaGetLastError();
   } else {
     err = p.softcap > 0.f ? run_flash_fwd_sm80<T, kHeadDim, true>(p, stream)

@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "attention/mma.cuh"
+
 namespace gptk {
 namespace attn {
 
@@ -72,6 +74,13 @@ __device__ __forceinline__ void apply_mask(float (&acc)[MT][NT][4], int row0, in
   }
 }
 
+// tanh for the softcap: 1 - 2 / (2^(2x log2 e) + 1), one ex2.approx and one approximate division
+// (absolute error ~1e-7, what the capped scores need; tanhf costs registers the decode kernel lacks,
+// tanh.approx.f32 is only ~2^-11 relative). Large |x| give exactly +-1.
+__device__ __forceinline__ float softcap_tanh(float x) {
+  return 1.f - __fdividef(2.f, fast_exp2(x * 2.8853900817779268f) + 1.f);
+}
+
 // Softcap on a tile of raw scores: s -> tanh(s * scale / cap); the caller's softmax then scales by
 // cap (the capped score is cap * tanh(s * scale / cap)). Applied before the mask.
 template <int MT, int NT>
@@ -81,7 +90,7 @@ __device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float sca
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = tanhf(acc[mt][nt][e] * scale_over_cap);
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = softcap_tanh(acc[mt][nt][e] * scale_over_cap);
 }
 
 // Where sequence b lives: query rows [q_off, q_off + sq) and key rows [k_off, k_off + sk) of the
