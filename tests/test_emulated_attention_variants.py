@@ -388,10 +388,36 @@ def run_limits(lib):
     """The emulated build's limits JSON lists exactly the variants this file tests."""
     f = bind(lib, "emu_attn_limits_json", ctypes.c_char_p)
     lim = json.loads(f().decode())
-    assert set(lim["variants"]) <= {"window", "softcap", "varlen"}, lim["variants"]
+    assert lim["variants"] == ["window", "softcap", "varlen"], lim["variants"]
+
+
+def run_bad_values(lib):
+    """The launchers refuse bad variant values (problem_error: the binding's messages say the same)
+    instead of launching: a window side < -1, causal with a right side > 0, a negative or non-finite
+    softcap, varlen with only one of the cu_seqlens."""
+    dt = torch.bfloat16
+    q = torch.randn(1, 1, 8, 64).to(dt)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 8)
+    ptrs = (VP * 4)(*[t.data_ptr() for t in (q, q, q, out)])
+    strides = (ctypes.c_int64 * 12)(*([512, 512, 64] * 4))
+    fwd = bind(lib, "emu_flash_fwd", ctypes.c_int, *FARGS)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    for causal, window, softcap, cu_q in [(False, (-2, -1), 0.0, None), (False, (3, -5), 0.0, None),
+                                          (True, (-1, 3), 0.0, None), (False, (-1, -1), -1.0, None),
+                                          (False, (-1, -1), float("inf"), None), (False, (-1, -1), float("nan"), None),
+                                          (False, (-1, -1), 0.0, cu)]:
+        _set_variants(lib, window, softcap, cu_q, None, 8, 8)
+        try:
+            dims = (ctypes.c_int * 8)(1, 1, 1, 8, 8, 64, int(causal), DTYPE_CODE[dt])
+            err = fwd(ptrs, strides, ptr(lse), None, dims, ctypes.c_float(0.125))
+        finally:
+            _set_variants(lib, (-1, -1), 0.0)
+        assert err != 0, f"accepted causal={causal} window={window} softcap={softcap} cu_q={cu_q is not None}"
+        assert not harness.launches(lib), "launched a kernel for a refused call"
 
 
 CASES.append(Case("limits-json-variants", A, "run_limits", {}))
+CASES.append(Case("bad-variant-values-refused", A, "run_bad_values", {}))
 
 emu_results, test_emulated = harness.pytest_tests(__file__, CASES)
 

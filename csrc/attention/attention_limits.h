@@ -100,9 +100,9 @@ inline std::string variant_error(int64_t window_left, int64_t window_right, doub
 }
 
 // Variants the CUDA kernels implement in forward, backward and decode alike, each tested on the
-// emulator (tests/test_emulated_attention_variants.py). Python routes a call that uses a variant
-// not listed here to its PyTorch path.
-#define GPTK_ATTN_VARIANTS ""
+// emulator (tests/test_emulated_attention_variants.py; not yet run on a GPU). Python routes a call
+// that uses a variant not listed here to its PyTorch path.
+#define GPTK_ATTN_VARIANTS "\"window\", \"softcap\", \"varlen\""
 
 inline std::string limits_json() {
   return json_object({{"head_dims", json_ints(kHeadDims)},
