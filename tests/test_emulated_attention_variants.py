@@ -113,15 +113,16 @@ def _window_cases():
           schedules=[(1, 1), (4, 2)]),
         C("fwd-bwd-bf16-d64-b2-bshd-140x140-w20-causal-shuffled", dtype="bf16", B=2, Hq=2, Hkv=2, Sq=140, Sk=140,
           D=64, causal=True, window=(20, -1), bwd=True, layout="bshd", thread_order=2, block_order=2),
-        # the split-KV forward: CUDA-core kernel (<= 16 rows per K/V head) and tensor-core splits
+        # the split-KV forward: CUDA-core kernel (<= 16 rows per K/V head) and tensor-core splits (a
+        # window bounded on both sides caps the splits at what its wl + wr + Sq keys fill)
         C("decode-bf16-d64-gqa4-1x700-w100-causal-kvlens-sms132", dtype="bf16", B=3, Hq=8, Hkv=2, Sq=1, Sk=700,
-          D=64, causal=True, window=(100, -1), kv_lens=[700, 50, 0], decode=True, sms=132, expect_splits=(2, 64)),
+          D=64, causal=True, window=(100, -1), kv_lens=[700, 50, 0], decode=True, sms=132, expect_splits=(2, 2)),
         C("decode-fp16-d128-4x500-w17_2-sms132", dtype="fp16", B=2, Hq=4, Hkv=1, Sq=4, Sk=500, D=128,
           causal=False, window=(17, 2), kv_lens=[500, 260], decode=True, sms=132),
         C("decode-bf16-d64-2x300-w0_0-greedy", dtype="bf16", B=1, Hq=2, Hkv=2, Sq=2, Sk=300, D=64, causal=False,
           window=(0, 0), decode=True, thread_order=3),
         C("splitkv-bf16-d128-40x1000-w200-causal-kvlens-sms132", dtype="bf16", B=2, Hq=2, Hkv=2, Sq=40, Sk=1000,
-          D=128, causal=True, window=(200, -1), kv_lens=[1000, 333], decode=True, sms=132, expect_splits=(2, 64)),
+          D=128, causal=True, window=(200, -1), kv_lens=[1000, 333], decode=True, sms=132, expect_splits=(2, 2)),
         C("splitkv-fp16-d64-64x600-w-1_5-sms132", dtype="fp16", B=1, Hq=2, Hkv=1, Sq=64, Sk=600, D=64,
           causal=False, window=(-1, 5), decode=True, sms=132, expect_splits=(2, 64)),
         C("fwd-bwd-bf16-d64-70x130-w10_3-sm80", dtype="bf16", B=1, Hq=2, Hkv=1, Sq=70, Sk=130, D=64,

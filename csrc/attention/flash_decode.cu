@@ -402,7 +402,9 @@ GPTK_ATTN_DTYPES(GPTK_DECODE_INST_)
 #undef GPTK_DECODE_INST_
 #undef GPTK_DECODE_INST_HD_
 
-int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
+int flash_decode_num_splits(const FlashFwdParams& p_in, int num_sms) {
+  FlashFwdParams p = p_in;  // (the window in canonical form, as the launchers see it)
+  if (problem_error(p).empty()) canonical_variants(p);
   // Sized from the cache capacity p.sk: the kernels cut the real length (kv_lens) into equal shares
   // themselves, and splits beyond it exit at once.
   int64_t ctas, per_sm, min_keys;
@@ -417,7 +419,12 @@ int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
   }
   if (ctas <= 0 || ctas >= per_sm * num_sms) return 1;
   const int64_t by_sms = ceil_div(per_sm * num_sms, ctas);
-  const int64_t by_keys = ceil_div(p.sk, min_keys);
+  // A window bounded on both sides (canonical: causal is right side 0) caps the keys a CTA's rows
+  // see at wl + wr + Sq: no more splits than those keys fill.
+  int64_t keys = p.sk;
+  if (p.window_left >= 0 && p.window_right >= 0)
+    keys = std::min<int64_t>(keys, static_cast<int64_t>(p.window_left) + p.window_right + p.sq);
+  const int64_t by_keys = ceil_div(keys, min_keys);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::min(by_sms, by_keys), 64)));
 }
 
