@@ -84,13 +84,34 @@ inline std::string problem_error(int64_t batch, int64_t hq, int64_t hkv, int64_t
   return {};
 }
 
+// The attention variants' extra rule (window, softcap; flash.h states their meaning): "" when the
+// kernels take them. window sides: -1 = unbounded, else a number of keys >= 0; causal is the window
+// (wl, 0) and takes a right side of -1 or 0 only; softcap: 0 = off, else a positive finite cap.
+inline std::string variant_error(int64_t window_left, int64_t window_right, double softcap, bool causal) {
+  using std::to_string;
+  if (window_left < -1 || window_right < -1)
+    return "window (" + to_string(window_left) + ", " + to_string(window_right) +
+           "): each side must be -1 (unbounded) or a number of keys >= 0";
+  if (causal && window_right > 0)
+    return "window right side " + to_string(window_right) + ": with causal=True the right side must be -1 or 0";
+  if (!(softcap >= 0) || !std::isfinite(softcap))
+    return "softcap " + to_string(softcap) + ": must be 0 (off) or a positive finite number";
+  return {};
+}
+
+// Variants the CUDA kernels implement in forward, backward and decode alike, each tested on the
+// emulator (tests/test_emulated_attention_variants.py; not yet run on a GPU). Python routes a call
+// that uses a variant not listed here to its PyTorch path.
+#define GPTK_ATTN_VARIANTS "\"window\", \"softcap\", \"varlen\""
+
 inline std::string limits_json() {
   return json_object({{"head_dims", json_ints(kHeadDims)},
                       {"head_dim_multiple", std::to_string(kHeadDimMultiple)},
                       {"max_head_dim", std::to_string(kMaxHeadDim)},
                       {"max_seq_len", std::to_string(kMaxSeqLen)},
                       {"dtypes", json_dtypes({GPTK_ATTN_DTYPES(GPTK_ATTN_DTYPE_ITEM_)})},
-                      {"decode_max_rows", std::to_string(kDecodeMaxRows)}});
+                      {"decode_max_rows", std::to_string(kDecodeMaxRows)},
+                      {"variants", "[" GPTK_ATTN_VARIANTS "]"}});
 }
 #undef GPTK_ATTN_DTYPE_ITEM_
 

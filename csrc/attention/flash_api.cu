@@ -38,7 +38,12 @@ struct ImplRow {
 
 #if GPTK_HAVE_SM90
 constexpr bool kHaveSm90 = true;
-constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = flash_fwd_sm90_unsupported;
+// The Hopper forward implements none of the variants (window other than causal, softcap, varlen).
+const char* sm90_refuses(const FlashFwdParams& p) {
+  if (uses_variant(p)) return "attention variant (sliding window, softcap or varlen)";
+  return flash_fwd_sm90_unsupported(p);
+}
+constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = sm90_refuses;
 #else
 constexpr bool kHaveSm90 = false;
 constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = nullptr;
@@ -129,14 +134,18 @@ std::string impl_summary(AttnOp op, int cc, const char* requested) {
 
 cudaError_t flash_fwd(FlashFwdParams p, cudaStream_t stream) {
   if (!problem_error(p).empty()) return cudaErrorInvalidValue;
+  canonical_variants(p);
   if (p.batch == 0 || p.sq == 0) return cudaSuccess;
   switch (p.impl) {
     case Impl::kSm80:
       return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
-        return HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_flash_fwd_sm80<T, kHeadDim>(p, stream); });
+        return HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+          return BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] { return run_flash_fwd_sm80<T, kHeadDim, kSoftcap>(p, stream); });
+        });
       });
 #if GPTK_HAVE_SM90
     case Impl::kSm90:  // select_impl chose it for this call (its row's refuses() let it through)
+      if (uses_variant(p)) return cudaErrorNotSupported;
       return run_flash_fwd_sm90(p, stream);
 #endif
     default:
@@ -180,14 +189,15 @@ int flash_bwd_dq_splits(const FlashBwdParams& p, int num_sms) {
 size_t flash_bwd_workspace_bytes(const FlashBwdParams& p, int dq_splits) {
   const int64_t sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
   const size_t rows = static_cast<size_t>(p.batch) * p.hq * sq_pad;
-  const size_t dq = static_cast<size_t>(dq_splits) * p.batch * p.hq * p.sq * p.d;
-  const size_t dkv = p.head_splits > 1 ? static_cast<size_t>(p.head_splits) * p.batch * p.hkv * p.sk * p.d : 0;
+  const size_t dq = static_cast<size_t>(dq_splits) * q_rows(p) * p.d;
+  const size_t dkv = p.head_splits > 1 ? static_cast<size_t>(p.head_splits) * kv_rows(p) * p.d : 0;
   return 2 * align256(rows * sizeof(float)) + align256(dq * sizeof(float)) + 2 * align256(dkv * sizeof(float));
 }
 
 cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStream_t stream) {
   if (!problem_error(p).empty() || dq_splits < 1 || p.head_splits < 1 || (p.hq / p.hkv) % p.head_splits != 0)
     return cudaErrorInvalidValue;
+  canonical_variants(p);
   if (p.batch == 0) return cudaSuccess;
   if (p.impl != Impl::kSm80) return cudaErrorInvalidValue;  // the only backward today
   const int64_t sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
@@ -197,8 +207,8 @@ cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStre
   p.delta = reinterpret_cast<float*>(ws + align256(rows * sizeof(float)));
   p.dq_accum = reinterpret_cast<float*>(ws + 2 * align256(rows * sizeof(float)));
   p.dq_splits = dq_splits;
-  const size_t dq_bytes = static_cast<size_t>(dq_splits) * p.batch * p.hq * p.sq * p.d * sizeof(float);
-  const size_t dkv_bytes = static_cast<size_t>(p.head_splits) * p.batch * p.hkv * p.sk * p.d * sizeof(float);
+  const size_t dq_bytes = static_cast<size_t>(dq_splits) * q_rows(p) * p.d * sizeof(float);
+  const size_t dkv_bytes = static_cast<size_t>(p.head_splits) * kv_rows(p) * p.d * sizeof(float);
   if (p.head_splits > 1) {
     p.dk_accum = reinterpret_cast<float*>(ws + 2 * align256(rows * sizeof(float)) + align256(dq_bytes));
     p.dv_accum = reinterpret_cast<float*>(reinterpret_cast<char*>(p.dk_accum) + align256(dkv_bytes));
@@ -209,7 +219,9 @@ cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStre
   switch (p.impl) {
     case Impl::kSm80:
       err = ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
-        return HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_flash_bwd_sm80<T, kHeadDim>(p, stream); });
+        return HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+          return BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] { return run_flash_bwd_sm80<T, kHeadDim, kSoftcap>(p, stream); });
+        });
       });
       break;
     default:
@@ -223,10 +235,11 @@ cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStre
 cudaError_t flash_decode(FlashFwdParams p, void* workspace, int num_splits, cudaStream_t stream) {
   if (!problem_error(p).empty() || num_splits < 1 || (num_splits > 1 && workspace == nullptr))
     return cudaErrorInvalidValue;
+  canonical_variants(p);
   if (p.batch == 0 || p.sq == 0) return cudaSuccess;
   p.num_splits = num_splits;
   if (num_splits > 1) {
-    const size_t rows = static_cast<size_t>(num_splits) * p.batch * p.hq * p.sq;
+    const size_t rows = static_cast<size_t>(num_splits) * q_rows(p);
     p.o_accum = static_cast<float*>(workspace);
     p.lse_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(rows * p.d * sizeof(float)));
   }

@@ -5,6 +5,6 @@
 
 namespace gptk {
 namespace attn {
-template cudaError_t run_flash_bwd_sm80<__half, 128>(const FlashBwdParams&, cudaStream_t);
+template cudaError_t run_flash_bwd_sm80<__half, 128, false>(const FlashBwdParams&, cudaStream_t);
 }  // namespace attn
 }  // namespace gptk

@@ -29,6 +29,14 @@
 // - Rows past Sq: Q/dO are zero-filled and the preprocess pads lse with +inf, so P = 0 there and
 //   nothing reaches dK/dV; dQ atomics are predicated. Keys past Sk: zero-filled and masked. Fully
 //   masked rows (lse = -inf) are also given +inf: their P is exactly 0.
+// - Variants (flash.h). Sliding window: a key block walks only the query blocks whose rows see one
+//   of its keys (from the first row its last key's window reaches to the last row its first key's
+//   window reaches), so the cost is proportional to the window; tiles crossing a window edge are
+//   masked as in the forward. Softcap (kSoftcap, its own instantiation): S is recomputed as
+//   tanh(S * scale / cap), P = exp(cap * S - lse) and dS is multiplied by 1 - tanh^2 (masked
+//   entries, -inf, count as tanh = -1: derivative 0). Varlen: the sequence's rows come from
+//   cu_seqlens (seq_bounds); lse_log2 / delta are padded per (sequence, head) to the maximum
+//   length, dq_accum and the partial dK/dV are [.., H, total, d] (q_row / k_row).
 // - Determinism: with params.deterministic the grid has dq_splits CTAs per (batch, K/V head,
 //   slice); CTA x handles key blocks x, x + dq_splits, ... in order and adds into its own dq slice,
 //   where each element is only ever updated by one thread (fixed warp layout) in program order;
@@ -156,9 +164,18 @@ struct BwdCtx {
   int total;     // nm * heads of the slice: steps of the query loop
   int h0;        // first query head of the slice
   int b;
+  int sq, sk;    // the sequence's lengths (dense: Sq, Sk)
+  int q_off;     // its first query row (varlen; 0 dense)
 };
 
-template <typename T, typename Kt>
+// Softmax scale (log2 units) of the values the S accumulators hold: raw scores, or under softcap
+// tanh(s * scale / cap), whose capped score is cap * tanh.
+template <bool kSoftcap>
+__device__ __forceinline__ float bwd_score_scale_log2(const FlashBwdParams& p) {
+  return (kSoftcap ? p.softcap : p.scale) * kLog2e;
+}
+
+template <typename T, typename Kt, bool kSoftcap>
 __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashBwdParams p) {
   constexpr int kHeadDim = Kt::kHeadDim, kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kThreads = Kt::kThreads;
   constexpr int kMT_s = Kt::kMT_s, kNT_s = Kt::kNT_s, kMT_kv = Kt::kMT_kv, kNT_kv = Kt::kNT_kv;
@@ -174,19 +191,24 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
 
   // Loop bounds are recomputed from the parameters where needed (through opaque(): not hoisted
   // into registers that would stay live across the query loop).
-  auto num_n_blocks = [&] { return (static_cast<int>(opaque(static_cast<uint32_t>(p.sk))) + kBlockN - 1) / kBlockN; };
-  auto grid_n = [&] { return p.deterministic ? p.dq_splits : num_n_blocks(); };
+  // Key blocks of this CTA's sequence (varlen: its own length), and the grid's stride over them.
+  auto num_n_blocks = [&] {
+    const int sk = seq_bounds(p, BwdTile(p, opaque(blockIdx.x)).b).sk;
+    return (static_cast<int>(opaque(static_cast<uint32_t>(sk))) + kBlockN - 1) / kBlockN;
+  };
+  auto grid_n = [&] { return p.deterministic ? p.dq_splits : (p.sk + kBlockN - 1) / kBlockN; };
 
   // Prefetch step `it` of the query loop (head h0 + it / nm, query block m_begin + it % nm) into
   // buffer `buf`. Everything is derived from the arguments and the parameters (constant memory):
   // the compiler recomputes the 64-bit offsets each step instead of keeping them live.
-  auto prefetch = [&](int it, int buf, int b, int h0, int m_begin, int nm) {
+  auto prefetch = [&](int it, int buf, int b, int h0, int m_begin, int nm, int sq, int q_off) {
     const int tid = static_cast<int>(opaque(threadIdx.x));
     const int h = h0 + it / nm;
     const int m0 = (m_begin + it % nm) * kBlockM;
-    const int rows = p.sq - m0;
-    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride;
-    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride;
+    const int rows = sq - m0;
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride + q_off * p.q.row_stride;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride +
+                    q_off * p.dout.row_stride;
     load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Kt::kTileQ, q + m0 * p.q.row_stride, p.q.row_stride,
                                                  rows, p.d / 8, q, tid);
     load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Kt::kTileQ, dout + m0 * p.dout.row_stride,
@@ -200,24 +222,32 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
   for (int n_block = BwdTile(p, blockIdx.x).x; n_block < num_n_blocks();) {
     {
       const BwdTile tile(p, opaque(blockIdx.x));
+      const SeqBounds sb = seq_bounds(p, tile.b);
       const int tid = threadIdx.x;
       const int n0 = n_block * kBlockN;
       const int group = p.hq / p.hkv, heads = group / p.head_splits;  // query heads per group, per slice
-      const MaskInfo mask{p.sk, p.sk - p.sq, p.causal};
-      // Query blocks that see some key of this block: causal rows i >= n0 - offset.
-      const int num_m_blocks = (p.sq + kBlockM - 1) / kBlockM;
-      const int m_begin = p.causal ? max(0, n0 - mask.offset) / kBlockM : 0;
-      const int nm = max(0, num_m_blocks - m_begin);
+      const MaskInfo mask{sb.sk, sb.sk - sb.sq, p.causal, p.window_left, p.window_right};
+      // Query blocks that see some key of this block: rows i with limit(i) > n0 (i >= n0 - offset -
+      // wr) and start(i) < n0 + kBlockN (i < n0 + kBlockN - offset + wl).
+      const int num_m_blocks = (sb.sq + kBlockM - 1) / kBlockM;
+      const int wr = mask.right();
+      const int m_begin = wr >= 0 ? max(0, n0 - mask.offset - wr) / kBlockM : 0;
+      const int m_end = p.window_left >= 0
+                            ? min(num_m_blocks, (max(0, n0 + kBlockN - mask.offset + p.window_left) + kBlockM - 1) / kBlockM)
+                            : num_m_blocks;
+      const int nm = max(0, m_end - m_begin);
       const int h0 = tile.hk * group + tile.hs * heads;
-      if (tid == 0) ctx = BwdCtx{n0, m_begin, nm, nm * heads, h0, tile.b};
+      if (tid == 0) ctx = BwdCtx{n0, m_begin, nm, nm * heads, h0, tile.b, sb.sq, sb.sk, sb.q_off};
       if (nm > 0) {
-        const T* kbase = static_cast<const T*>(p.k.ptr) + tile.b * p.k.batch_stride + tile.hk * p.k.head_stride;
-        const T* vbase = static_cast<const T*>(p.v.ptr) + tile.b * p.v.batch_stride + tile.hk * p.v.head_stride;
-        load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kbase + n0 * p.k.row_stride, p.k.row_stride, p.sk - n0,
+        const T* kbase = static_cast<const T*>(p.k.ptr) + tile.b * p.k.batch_stride + tile.hk * p.k.head_stride +
+                         sb.k_off * p.k.row_stride;
+        const T* vbase = static_cast<const T*>(p.v.ptr) + tile.b * p.v.batch_stride + tile.hk * p.v.head_stride +
+                         sb.k_off * p.v.row_stride;
+        load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kbase + n0 * p.k.row_stride, p.k.row_stride, sb.sk - n0,
                                                      p.d / 8, kbase, tid);
-        load_tile_async<kBlockN, kHeadDim, kThreads>(sV, vbase + n0 * p.v.row_stride, p.v.row_stride, p.sk - n0,
+        load_tile_async<kBlockN, kHeadDim, kThreads>(sV, vbase + n0 * p.v.row_stride, p.v.row_stride, sb.sk - n0,
                                                      p.d / 8, vbase, tid);
-        prefetch(0, 0, tile.b, h0, m_begin, nm);
+        prefetch(0, 0, tile.b, h0, m_begin, nm, sb.sq, sb.q_off);
         cp_async_commit();
       }
     }
@@ -232,7 +262,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
       __syncthreads();  // this step's Q/dO/lse/delta landed; every warp finished the previous step
       const int nm = ctx.nm, m_begin = ctx.m_begin;
       if (it + 1 < ctx.total) {
-        prefetch(it + 1, buf ^ 1, ctx.b, ctx.h0, m_begin, nm);
+        prefetch(it + 1, buf ^ 1, ctx.b, ctx.h0, m_begin, nm, ctx.sq, ctx.q_off);
         cp_async_commit();
       }
       const int m0 = (m_begin + it % nm) * kBlockM;
@@ -246,15 +276,17 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
       float acc_s[kMT_s][kNT_s][4], acc_dp[kMT_s][kNT_s][4];
       warp_gemm_ss<T, kMT_s, kNT_s, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
           acc_s, operand_a<kHeadDim, false>(sQ + boff, s_row0, lane), operand_b<kHeadDim, false>(sK, s_col0, lane));
+      if constexpr (kSoftcap) apply_softcap(acc_s, p.scale / p.softcap);
       {
-        const MaskInfo mask{p.sk, p.sk - p.sq, p.causal};
+        const MaskInfo mask{ctx.sk, ctx.sk - ctx.sq, p.causal, p.window_left, p.window_right};
         const int n0 = ctx.n0;
-        if (mask.tile_needs_mask(m0, n0, kBlockN)) apply_mask(acc_s, m0 + s_row0, n0 + s_col0, lane, mask);
+        if (mask.tile_needs_mask(m0, kBlockM, n0, kBlockN)) apply_mask(acc_s, m0 + s_row0, n0 + s_col0, lane, mask);
       }
       warp_gemm_ss<T, kMT_s, kNT_s, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
           acc_dp, operand_a<kHeadDim, false>(sdO + boff, s_row0, lane), operand_b<kHeadDim, false>(sV, s_col0, lane));
 
-      // P = exp2(S * scale*log2e - lse*log2e); dS = P * (dP - delta)
+      // P = exp2(S * scale*log2e - lse*log2e); dS = P * (dP - delta) (softcap: S = tanh(..), the
+      // scale is cap*log2e and dS takes the tanh's derivative 1 - S^2; -inf (masked) counts as -1)
       const float* lse_b = sLse + buf * kBlockM;
       const float* delta_b = sDelta + buf * kBlockM;
 #pragma unroll
@@ -267,9 +299,15 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
           for (int nt = 0; nt < kNT_s; ++nt) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-              const float pr = fast_exp2(fmaf(acc_s[mt][nt][2 * hh + j], p.scale * kLog2e, -lse2));
+              const float sv = acc_s[mt][nt][2 * hh + j];
+              const float pr = fast_exp2(fmaf(sv, bwd_score_scale_log2<kSoftcap>(p), -lse2));
               acc_s[mt][nt][2 * hh + j] = pr;
-              acc_dp[mt][nt][2 * hh + j] = pr * (acc_dp[mt][nt][2 * hh + j] - dl);
+              float ds = pr * (acc_dp[mt][nt][2 * hh + j] - dl);
+              if constexpr (kSoftcap) {
+                const float th = fmaxf(sv, -1.f);
+                ds *= fmaf(-th, th, 1.f);
+              }
+              acc_dp[mt][nt][2 * hh + j] = ds;
             }
           }
         }
@@ -296,13 +334,14 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
             acc_dq, operand_a<kBlockN, false>(sdS, q_row0, lane), operand_b<kHeadDim, true>(sK, q_col0, lane));
         const int h = ctx.h0 + it / nm;
         const int64_t slice = p.deterministic ? static_cast<int64_t>(BwdTile(p, opaque(blockIdx.x)).x) : 0;
-        float* dq_head = p.dq_accum + ((slice * p.batch + ctx.b) * p.hq + h) * p.sq * p.d;
+        float* dq_head = p.dq_accum + (slice * q_rows(p) + q_row(p, ctx.b, h, ctx.q_off, 0)) * p.d;
+        const int sq = ctx.sq;
 #pragma unroll
         for (int mt = 0; mt < kMT_q; ++mt) {
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const int row = m0 + q_row0 + mt * 16 + (lane >> 2) + 8 * hh;
-            if (row < p.sq) {
+            if (row < sq) {
               float* dq_row = dq_head + static_cast<int64_t>(row) * p.d;
 #pragma unroll
               for (int nt = 0; nt < kNT_q; ++nt) {
@@ -319,25 +358,27 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
     // and dV through shared memory (the K and V buffers) to global memory. Several slices: this
     // slice's fp32 partial sums to the workspace, reduced in slice order by flash_bwd_convert_dkv.
     const int n0 = ctx.n0;
+    const int sk = ctx.sk;
     __syncthreads();  // every warp is done with K, V, the last step's buffers and ctx
     {
       const int tid = static_cast<int>(opaque(threadIdx.x)), lane = tid & 31, warp = tid >> 5;
       const int r0 = (warp / Kt::kWarpsD_dKV) * (kMT_kv * 16), c0 = (warp % Kt::kWarpsD_dKV) * (kNT_kv * 8);
       const BwdTile tile(p, opaque(blockIdx.x));
+      const int k_off = seq_bounds(p, tile.b).k_off;
       if (p.head_splits > 1) {
-        const int64_t rows0 = ((static_cast<int64_t>(tile.hs) * p.batch + tile.b) * p.hkv + tile.hk) * p.sk + n0;
-        store_acc_f32(acc_dk, p.dk_accum + rows0 * p.d, p.d, p.sk - n0, r0, c0, lane);
-        store_acc_f32(acc_dv, p.dv_accum + rows0 * p.d, p.d, p.sk - n0, r0, c0, lane);
+        const int64_t rows0 = tile.hs * kv_rows(p) + k_row(p, tile.b, tile.hk, k_off, n0);
+        store_acc_f32(acc_dk, p.dk_accum + rows0 * p.d, p.d, sk - n0, r0, c0, lane);
+        store_acc_f32(acc_dv, p.dv_accum + rows0 * p.d, p.d, sk - n0, r0, c0, lane);
       } else {
         store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dk, smem + Kt::kOffK, r0, c0, lane, p.scale);
         store_acc_to_smem<T, kMT_kv, kNT_kv, kHeadDim>(acc_dv, smem + Kt::kOffV, r0, c0, lane, 1.f);
         __syncthreads();
         T* dk = static_cast<T*>(p.dk.ptr) + tile.b * p.dk.batch_stride + tile.hk * p.dk.head_stride +
-                n0 * p.dk.row_stride;
+                (k_off + n0) * p.dk.row_stride;
         T* dv = static_cast<T*>(p.dv.ptr) + tile.b * p.dv.batch_stride + tile.hk * p.dv.head_stride +
-                n0 * p.dv.row_stride;
-        store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffK, dk, p.dk.row_stride, p.sk - n0, p.d / 8, tid);
-        store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffV, dv, p.dv.row_stride, p.sk - n0, p.d / 8, tid);
+                (k_off + n0) * p.dv.row_stride;
+        store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffK, dk, p.dk.row_stride, sk - n0, p.d / 8, tid);
+        store_tile<kBlockN, kHeadDim, kThreads>(smem + Kt::kOffV, dv, p.dv.row_stride, sk - n0, p.d / 8, tid);
       }
     }
     __syncthreads();  // the next key block (deterministic mode) reloads K and V and rewrites ctx
@@ -345,7 +386,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const FlashB
   }
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kSoftcap>
 cudaError_t run_flash_bwd_sm80(const FlashBwdParams& p, cudaStream_t stream) {
   using Kt = typename BwdConfig<kHeadDim>::Traits;
   const int64_t num_n_blocks = (p.sk + Kt::kBlockN - 1) / Kt::kBlockN;
@@ -353,7 +394,7 @@ cudaError_t run_flash_bwd_sm80(const FlashBwdParams& p, cudaStream_t stream) {
   const int64_t grid = grid_n * p.batch * p.hkv * p.head_splits;
   if (grid <= 0) return cudaSuccess;
   if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = flash_bwd_kernel<T, Kt>;
+  auto kernel = flash_bwd_kernel<T, Kt, kSoftcap>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kt::kSmem);
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(grid), Kt::kThreads, Kt::kSmem, stream>>>(p);

@@ -8,7 +8,12 @@
 //   dtype and written with dq's strides (16-byte stores).
 // - convert_dkv (GQA with head_splits > 1 only): dk = scale * (sum of the fp32 partial dK slices,
 //   in slice order), dv = the sum of the dV slices, the same way.
+//
+// Varlen (flash.h): lse_log2 / delta stay [B, Hq, Sq_pad] with Sq the maximum length (each sequence
+// padded to it); lse, dlse and dq_accum are [Hq, total_q] / [splits, Hq, total_q, d] and dK/dV
+// partials [head_splits, Hkv, total_k, d]: the convert kernels walk them as one "batch" of total rows.
 #include "attention/flash.h"
+#include "attention/mask.cuh"
 #include "device.cuh"
 #include "static_switch.h"
 
@@ -29,17 +34,19 @@ __global__ void __launch_bounds__(kPrepThreads) flash_bwd_preprocess_kernel(cons
   const int64_t bh = row / sq_pad;
   const int h = static_cast<int>(bh % p.hq), b = static_cast<int>(bh / p.hq);
   float dot = 0.f, lse2 = INFINITY;
-  if (r < p.sq) {
-    const T* o = static_cast<const T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + r * p.o.row_stride;
+  const SeqBounds sb = seq_bounds(p, b);
+  if (r < sb.sq) {
+    const int64_t qr = sb.q_off + r;
+    const T* o = static_cast<const T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + qr * p.o.row_stride;
     const T* dout =
-        static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride + r * p.dout.row_stride;
+        static_cast<const T*>(p.dout.ptr) + b * p.dout.batch_stride + h * p.dout.head_stride + qr * p.dout.row_stride;
     for (int c = lane; c < p.d / 8; c += 32) {
       const Pack<T> ov = load_pack(o + c * 8), dv = load_pack(dout + c * 8);
 #pragma unroll
       for (int j = 0; j < Pack<T>::N; ++j) dot += to_float(ov.v[j]) * to_float(dv.v[j]);
     }
     dot = warp_sum(dot);
-    const int64_t lrow = bh * p.sq + r;
+    const int64_t lrow = q_row(p, b, h, sb.q_off, r);
     const float l = p.lse[lrow];
     lse2 = l == -INFINITY ? INFINITY : l * kLog2e;
     if (p.dlse != nullptr) dot -= p.dlse[lrow];
@@ -53,14 +60,15 @@ __global__ void __launch_bounds__(kPrepThreads) flash_bwd_preprocess_kernel(cons
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) flash_bwd_convert_dq_kernel(const FlashBwdParams p) {
   const int chunks = p.d / 8;
-  const int64_t total = static_cast<int64_t>(p.batch) * p.hq * p.sq * chunks;
-  const int64_t slice = static_cast<int64_t>(p.batch) * p.hq * p.sq * p.d;
+  const int64_t total = q_rows(p) * chunks;
+  const int64_t slice = q_rows(p) * p.d;
+  const int seq = p.cu_seqlens_q != nullptr ? p.total_q : p.sq;  // rows per (batch, head); varlen: one batch
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int c = static_cast<int>(i % chunks);
     const int64_t row = i / chunks;
-    const int r = static_cast<int>(row % p.sq);
-    const int64_t bh = row / p.sq;
+    const int r = static_cast<int>(row % seq);
+    const int64_t bh = row / seq;
     const int h = static_cast<int>(bh % p.hq), b = static_cast<int>(bh / p.hq);
     const float* src = p.dq_accum + row * p.d + c * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -83,16 +91,17 @@ __global__ void __launch_bounds__(kPrepThreads) flash_bwd_convert_dq_kernel(cons
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) flash_bwd_convert_dkv_kernel(const FlashBwdParams p) {
   const int chunks = p.d / 8;
-  const int64_t per_tensor = static_cast<int64_t>(p.batch) * p.hkv * p.sk * chunks;
-  const int64_t slice = static_cast<int64_t>(p.batch) * p.hkv * p.sk * p.d;
+  const int64_t per_tensor = kv_rows(p) * chunks;
+  const int64_t slice = kv_rows(p) * p.d;
+  const int seq = p.cu_seqlens_k != nullptr ? p.total_k : p.sk;  // rows per (batch, head); varlen: one batch
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < 2 * per_tensor;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const bool is_v = i >= per_tensor;
     const int64_t j = is_v ? i - per_tensor : i;
     const int c = static_cast<int>(j % chunks);
     const int64_t row = j / chunks;
-    const int r = static_cast<int>(row % p.sk);
-    const int64_t bh = row / p.sk;
+    const int r = static_cast<int>(row % seq);
+    const int64_t bh = row / seq;
     const int h = static_cast<int>(bh % p.hkv), b = static_cast<int>(bh / p.hkv);
     const float* src = (is_v ? p.dv_accum : p.dk_accum) + row * p.d + c * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -127,7 +136,7 @@ cudaError_t flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
 }
 
 cudaError_t flash_bwd_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(p.batch) * p.hq * p.sq * (p.d / 8);
+  const int64_t total = q_rows(p) * (p.d / 8);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kPrepThreads), 32LL * num_sms());
   return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {
@@ -137,7 +146,7 @@ cudaError_t flash_bwd_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
 }
 
 cudaError_t flash_bwd_convert_dkv(const FlashBwdParams& p, cudaStream_t stream) {
-  const int64_t total = 2LL * p.batch * p.hkv * p.sk * (p.d / 8);
+  const int64_t total = 2 * kv_rows(p) * (p.d / 8);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kPrepThreads), 32LL * num_sms());
   return ATTN_DTYPE_SWITCH(p.dtype, T, [&] {

@@ -28,6 +28,11 @@
 //   4 warps are merged at the end (shuffles, then shared memory).
 // - Keys past kv_len are never read (zero-filled by cp.async; a static cache may hold anything
 //   there); rows that see no key give zeros and lse = -inf.
+// - Variants (flash.h): a sliding window narrows a CTA's key range to [first key its rows' windows
+//   reach, last) before it is cut into splits (cost proportional to the window); each key is kept
+//   for a row when key - (row + offset) lies in [-wl, wr]. Softcap: score = cap * tanh(score / cap)
+//   (in log2 units). Varlen: the sequence's rows from cu_seqlens (seq_bounds), a CTA past its
+//   sequence's rows exits at once.
 // - num_splits == 1 writes the output directly; otherwise fp32 partial outputs (normalised) and
 //   their lse go to a workspace and flash_decode_combine_kernel merges them:
 //   out = sum_s exp(lse_s - lse) * o_s with lse = log sum_s exp(lse_s).
@@ -35,6 +40,7 @@
 #include <climits>
 
 #include "attention/flash.h"
+#include "attention/mask.cuh"
 #include "attention/mma.cuh"
 #include "device.cuh"
 #include "static_switch.h"
@@ -65,7 +71,8 @@ struct DecodeConfig {
   static_assert(kKBytes == kStageKeys * kWidth * 2, "a stage is whole keys");
 };
 
-template <typename T, int kHeadDim>
+// kSoftcap: the kernel for params.softcap > 0 (compile-time, so that the other keeps its registers).
+template <typename T, int kHeadDim, bool kSoftcap>
 __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const FlashFwdParams p) {
   using Cfg = DecodeConfig<kHeadDim>;
   constexpr int kL = Cfg::kLanes, kU = Cfg::kUnroll, kStageKeys = Cfg::kStageKeys;
@@ -80,57 +87,69 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = tid / kL, l = tid % kL;
   const int group = p.hq / p.hkv;
-  const int rows_total = group * p.sq;
-  const int row_groups = (rows_total + kDecRows - 1) / kDecRows;
+  const int row_groups = (group * p.sq + kDecRows - 1) / kDecRows;  // (the grid's: Sq the maximum)
   const int split = blockIdx.x % p.num_splits;
   const int rest = blockIdx.x / p.num_splits;
   const int rg = rest % row_groups;
   const int bh = rest / row_groups;
   const int hk = bh % p.hkv, b = bh / p.hkv;
+  const SeqBounds sb = seq_bounds(p, b);
+  const int sq = sb.sq;
+  const int rows_total = group * sq;
   const int row0 = rg * kDecRows;
+  if (row0 >= rows_total) return;  // varlen: past this sequence's rows
   const int nrows = min(kDecRows, rows_total - row0);  // valid rows of this CTA (uniform)
-  int kv_len = p.sk;
+  int kv_len = sb.sk;
   if (p.kv_lens != nullptr) kv_len = min(max(p.kv_lens[b], 0), p.sk);
   const int d_chunks = p.d / 8;
-
-  // Keys [0, row_limit[r]) are visible to row r; this CTA's rows see keys [0, n_end).
-  int row_limit[kDecRows];
-  int n_end = 0;
+  const MaskInfo mask{kv_len, kv_len - sq, p.causal, p.window_left, p.window_right};
+  // Row r sees the keys j < kv_len with j - row_pos[r] in [-wl, wr] (mask.cuh); this CTA's rows
+  // see keys [n_begin, n_end).
+  const int wl = p.window_left < 0 ? INT_MAX : p.window_left, wr = p.window_right < 0 ? INT_MAX : p.window_right;
+  int row_pos[kDecRows];
+  int n_begin = kv_len, n_end = 0;
 #pragma unroll
   for (int r = 0; r < kDecRows; ++r) {
-    const int s = (row0 + r) % p.sq;
-    row_limit[r] = r >= nrows ? 0 : (p.causal ? min(max(s + kv_len - p.sq + 1, 0), kv_len) : kv_len);
-    n_end = max(n_end, row_limit[r]);
+    const int s = (row0 + r) % sq;
+    row_pos[r] = s + mask.offset;
+    if (r < nrows && mask.start(s) < mask.limit(s)) {
+      n_begin = min(n_begin, mask.start(s));
+      n_end = max(n_end, mask.limit(s));
+    }
   }
   // This split's share of the stages that hold visible keys.
-  const int n_stages = (n_end + kStageKeys - 1) / kStageKeys;
+  const int st_begin = n_begin < n_end ? n_begin / kStageKeys : 0;
+  const int n_stages = max((n_end + kStageKeys - 1) / kStageKeys - st_begin, 0);
   const int per = (n_stages + p.num_splits - 1) / p.num_splits;
-  const int st_lo = split * per, st_hi = min(st_lo + per, n_stages);
+  const int st_lo = st_begin + split * per, st_hi = min(st_lo + per, st_begin + n_stages);
   const int k_end = min(st_hi * kStageKeys, n_end);
 
   auto out_row = [&](int r, int& h, int& s) {
     const int rr = row0 + r;
-    h = hk * group + rr / p.sq;
-    s = rr % p.sq;
+    h = hk * group + rr / sq;
+    s = rr % sq;
   };
   if (st_lo >= st_hi) {  // no key for this CTA: out = 0 and lse = -inf (a split's share: lse = -inf)
     for (int idx = tid; idx < nrows * p.d; idx += kDecThreads) {
       const int r = idx / p.d, e = idx % p.d;
       int h, s;
       out_row(r, h, s);
-      const int64_t row_global = (static_cast<int64_t>(b) * p.hq + h) * p.sq + s;
+      const int64_t row_global = q_row(p, b, h, sb.q_off, s);
       if (p.num_splits == 1) {
-        static_cast<T*>(p.o.ptr)[b * p.o.batch_stride + h * p.o.head_stride + s * p.o.row_stride + e] = from_float<T>(0.f);
+        static_cast<T*>(p.o.ptr)[b * p.o.batch_stride + h * p.o.head_stride + (sb.q_off + s) * p.o.row_stride + e] =
+            from_float<T>(0.f);
         if (e == 0) p.lse[row_global] = -INFINITY;
       } else if (e == 0) {
-        p.lse_accum[static_cast<int64_t>(split) * p.batch * p.hq * p.sq + row_global] = -INFINITY;
+        p.lse_accum[split * q_rows(p) + row_global] = -INFINITY;
       }
     }
     return;
   }
 
-  const T* kp = static_cast<const T*>(p.k.ptr) + b * p.k.batch_stride + hk * p.k.head_stride;
-  const T* vp = static_cast<const T*>(p.v.ptr) + b * p.v.batch_stride + hk * p.v.head_stride;
+  const T* kp = static_cast<const T*>(p.k.ptr) + b * p.k.batch_stride + hk * p.k.head_stride +
+                sb.k_off * p.k.row_stride;
+  const T* vp = static_cast<const T*>(p.v.ptr) + b * p.v.batch_stride + hk * p.v.head_stride +
+                sb.k_off * p.v.row_stride;
   const uint32_t ring = smem_u32(&s_ring[0][0]) + tid * 16;
   // Issue the copies of stage st into ring slot st % kDecStages (none past st_hi), then commit
   // (always, so that the group count stays in step with the stages).
@@ -152,7 +171,7 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
 
   // Query rows: q pre-scaled so that scores come out in log2 units (chunk l of each row).
   float q[kDecRows][8];
-  const float qscale = p.scale * kDecLog2e;
+  const float qscale = kSoftcap ? p.scale / p.softcap * (2.f * kDecLog2e) : p.scale * kDecLog2e;
 #pragma unroll
   for (int r = 0; r < kDecRows; ++r) {
     int h, s;
@@ -160,7 +179,7 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
     Pack<T> v;
     if (r < nrows && l < d_chunks) {
       v = load_pack(static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride +
-                    s * p.q.row_stride + l * 8);
+                    (sb.q_off + s) * p.q.row_stride + l * 8);
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j) v.v[j] = from_float<T>(0.f);
@@ -198,7 +217,12 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
         for (int j = 0; j < 8; ++j) acc = fmaf(q[r][j], kf[j], acc);
 #pragma unroll
         for (int sh = 1; sh < kL; sh <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, sh);
-        sc[u][r] = key < k_end && key < row_limit[r] ? acc : -INFINITY;
+        if constexpr (kSoftcap) {  // acc = 2 x log2(e), x = score / cap (q's scale): cap tanh(x) in log2 units
+          const float cap = p.softcap * kDecLog2e;
+          acc = cap - __fdividef(2.f * cap, fast_exp2(acc) + 1.f);  // softcap_tanh, written out
+        }
+        const int rel = key - row_pos[r];
+        sc[u][r] = key < k_end && rel <= wr && rel >= -wl ? acc : -INFINITY;
       }
     }
     float vf[kU][8];
@@ -268,7 +292,9 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
   }
   __syncthreads();
 
-  // Final: thread t handles dims e of row r for (r, e) = t, t + 128, ...
+  // Final: thread t handles dims e of row r for (r, e) = t, t + 128, ... (the sequence's bounds
+  // re-read rather than kept live across the loop)
+  const SeqBounds se = seq_bounds(p, static_cast<int>(opaque(static_cast<uint32_t>(b))));
   for (int idx = tid; idx < nrows * kW; idx += kDecThreads) {
     const int r = idx / kW, e = idx % kW;
     if (e >= p.d) continue;
@@ -287,15 +313,14 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
     const bool any = ls > 0.f;
     const float out = any ? acc / ls : 0.f;
     const float lse = any ? (mx + log2f(ls)) * kDecLn2 : -INFINITY;
-    int h, s;
-    out_row(r, h, s);
-    const int64_t row_global = (static_cast<int64_t>(b) * p.hq + h) * p.sq + s;
+    const int h = hk * group + (row0 + r) / se.sq, s = (row0 + r) % se.sq;
+    const int64_t row_global = q_row(p, b, h, se.q_off, s);
     if (p.num_splits == 1) {
-      T* op = static_cast<T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + s * p.o.row_stride;
+      T* op = static_cast<T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + (se.q_off + s) * p.o.row_stride;
       op[e] = from_float<T>(out);
       if (e == 0) p.lse[row_global] = lse;
     } else {
-      const int64_t srow = static_cast<int64_t>(split) * p.batch * p.hq * p.sq + row_global;
+      const int64_t srow = split * q_rows(p) + row_global;
       p.o_accum[srow * p.d + e] = out;
       if (e == 0) p.lse_accum[srow] = lse;
     }
@@ -306,7 +331,8 @@ __global__ void __launch_bounds__(kDecThreads, 4) flash_decode_kernel(const Flas
 // have lse = -inf and weigh nothing; their partial output is never read).
 template <typename T>
 __global__ void __launch_bounds__(128) flash_decode_combine_kernel(const FlashFwdParams p) {
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
+  const int64_t rows = q_rows(p);
+  const int seq = p.cu_seqlens_q != nullptr ? p.total_q : p.sq;  // rows per (batch, head); varlen: one batch
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
@@ -315,8 +341,8 @@ __global__ void __launch_bounds__(128) flash_decode_combine_kernel(const FlashFw
   float wsum = 0.f;
   if (mx != -INFINITY)
     for (int s = 0; s < p.num_splits; ++s) wsum += __expf(p.lse_accum[s * rows + row] - mx);
-  const int sidx = static_cast<int>(row % p.sq);
-  const int64_t bh = row / p.sq;
+  const int sidx = static_cast<int>(row % seq);
+  const int64_t bh = row / seq;
   const int h = static_cast<int>(bh % p.hq), b = static_cast<int>(bh / p.hq);
   T* op = static_cast<T*>(p.o.ptr) + b * p.o.batch_stride + h * p.o.head_stride + sidx * p.o.row_stride;
   for (int e = lane; e < p.d; e += 32) {
@@ -350,13 +376,17 @@ cudaError_t run_flash_decode_sm80(const FlashFwdParams& p, cudaStream_t stream) 
     const int64_t row_groups = ceil_div(static_cast<int64_t>(p.hq / p.hkv) * p.sq, kDecRows);
     const int64_t grid = static_cast<int64_t>(p.num_splits) * row_groups * p.batch * p.hkv;
     if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-    flash_decode_kernel<T, kHeadDim><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+    if (p.softcap > 0.f)
+      flash_decode_kernel<T, kHeadDim, true><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
+    else
+      flash_decode_kernel<T, kHeadDim, false><<<static_cast<unsigned>(grid), kDecThreads, 0, stream>>>(p);
     err = cudaGetLastError();
   } else {
-    err = run_flash_fwd_sm80<T, kHeadDim>(p, stream);
+    err = p.softcap > 0.f ? run_flash_fwd_sm80<T, kHeadDim, true>(p, stream)
+                          : run_flash_fwd_sm80<T, kHeadDim, false>(p, stream);
   }
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.hq * p.sq;
+  const int64_t rows = q_rows(p);
   const int64_t blocks = ceil_div(rows, 4);
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   flash_decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
@@ -372,7 +402,9 @@ GPTK_ATTN_DTYPES(GPTK_DECODE_INST_)
 #undef GPTK_DECODE_INST_
 #undef GPTK_DECODE_INST_HD_
 
-int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
+int flash_decode_num_splits(const FlashFwdParams& p_in, int num_sms) {
+  FlashFwdParams p = p_in;  // (the window in canonical form, as the launchers see it)
+  if (problem_error(p).empty()) canonical_variants(p);
   // Sized from the cache capacity p.sk: the kernels cut the real length (kv_lens) into equal shares
   // themselves, and splits beyond it exit at once.
   int64_t ctas, per_sm, min_keys;
@@ -387,13 +419,18 @@ int flash_decode_num_splits(const FlashFwdParams& p, int num_sms) {
   }
   if (ctas <= 0 || ctas >= per_sm * num_sms) return 1;
   const int64_t by_sms = ceil_div(per_sm * num_sms, ctas);
-  const int64_t by_keys = ceil_div(p.sk, min_keys);
+  // A window bounded on both sides (canonical: causal is right side 0) caps the keys a CTA's rows
+  // see at wl + wr + Sq: no more splits than those keys fill.
+  int64_t keys = p.sk;
+  if (p.window_left >= 0 && p.window_right >= 0)
+    keys = std::min<int64_t>(keys, static_cast<int64_t>(p.window_left) + p.window_right + p.sq);
+  const int64_t by_keys = ceil_div(keys, min_keys);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::min(by_sms, by_keys), 64)));
 }
 
 size_t flash_decode_workspace_bytes(const FlashFwdParams& p, int num_splits) {
   if (num_splits <= 1) return 0;
-  const size_t rows = static_cast<size_t>(num_splits) * p.batch * p.hq * p.sq;
+  const size_t rows = static_cast<size_t>(num_splits) * q_rows(p);
   return (rows * p.d * sizeof(float) + 255) / 256 * 256 + rows * sizeof(float);
 }
 

@@ -5,6 +5,6 @@
 
 namespace gptk {
 namespace attn {
-template cudaError_t run_flash_fwd_sm80<__nv_bfloat16, 64>(const FlashFwdParams&, cudaStream_t);
+template cudaError_t run_flash_fwd_sm80<__nv_bfloat16, 64, false>(const FlashFwdParams&, cudaStream_t);
 }  // namespace attn
 }  // namespace gptk

@@ -11,6 +11,12 @@
 //   (a barrier at each wait also guarantees no warp still reads the buffer about to be refilled).
 // - K/V blocks are visited from the last to the first, so the only blocks that need masking
 //   (the causal diagonal, keys past kv_len) come first; others skip the mask math.
+// - Variants (flash.h). Sliding window: a tile visits only the key blocks from the first key its
+//   first row sees to the last key its last row sees (mask.cuh: start / limit), so the cost is
+//   proportional to the window; only blocks crossing a window edge or kv_len are masked. Softcap
+//   (kSoftcap, a separate instantiation so that the plain kernel keeps its registers): S becomes
+//   tanh(S * scale / cap) and the softmax scales by cap. Varlen: the sequence's rows come from
+//   cu_seqlens (seq_bounds); a tile past its sequence's queries exits at once.
 // - P goes from the S accumulators to the A operand of P V without shared memory (the C layout
 //   of m16n8 pairs equals the A layout of m16k16), packed to 16 bits as it is exponentiated;
 //   V is read with ldmatrix.trans.
@@ -86,6 +92,7 @@ struct FwdCtx {
   int kv_len;       // keys >= kv_len are hidden
   int m0;           // first query row of the tile
   int n_lo;         // the CTA's key blocks are [n_lo, n_hi)
+  int offset;       // kv_len - the sequence's Sq (mask.cuh)
 };
 
 // Index of the tile a CTA runs: blockIdx.x = ((b * Hq + h) * num_splits + split) * num_m_blocks + m
@@ -111,7 +118,14 @@ __device__ __forceinline__ void split_range(int n_blocks, int num_splits, int sp
   hi = min(lo + per, n_blocks);
 }
 
-template <typename T, typename Kt>
+// The softmax's scale of the values in the S accumulators, in log2 units: scale (raw scores) or
+// softcap (tanh of the scaled scores over the cap, apply_softcap).
+template <bool kSoftcap>
+__device__ __forceinline__ float score_scale_log2(const FlashFwdParams& p) {
+  return (kSoftcap ? p.softcap : p.scale) * kLog2e;
+}
+
+template <typename T, typename Kt, bool kSoftcap>
 __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdParams p) {
   constexpr int kHeadDim = Kt::kHeadDim, kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
   constexpr int kThreads = Kt::kThreads, kMT = Kt::kMT, kNT = Kt::kNT, kDT = Kt::kDT;
@@ -128,25 +142,32 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
   {
     const int tid = threadIdx.x;
     const FwdTile t(p, kBlockM, blockIdx.x);
-    const int hk = t.h / (p.hq / p.hkv);
-    int kv_len = p.sk;
-    if (p.kv_lens != nullptr) kv_len = min(max(p.kv_lens[t.b], 0), p.sk);
-    const MaskInfo mask{kv_len, kv_len - p.sq, p.causal};
+    const SeqBounds sb = seq_bounds(p, t.b);
     const int m0 = t.m_block * kBlockM;
-    const int rows_valid = min(kBlockM, p.sq - m0);
+    if (m0 >= sb.sq) return;  // varlen: past this sequence's queries (nothing to write)
+    const int hk = t.h / (p.hq / p.hkv);
+    int kv_len = sb.sk;
+    if (p.kv_lens != nullptr) kv_len = min(max(p.kv_lens[t.b], 0), p.sk);
+    const MaskInfo mask{kv_len, kv_len - sb.sq, p.causal, p.window_left, p.window_right};
+    const int rows_valid = min(kBlockM, sb.sq - m0);
     const int d_chunks = p.d / 8;
-    // Keys [0, n_end) are visible to some row of this tile (its last row sees the most).
-    const int n_end = p.causal ? mask.limit(m0 + rows_valid - 1) : kv_len;
+    // Keys [n_begin, n_end) are visible to some row of this tile (its first row sees the first
+    // key of the window, its last row the last).
+    const int n_begin = mask.start(m0), n_end = mask.limit(m0 + rows_valid - 1);
+    const int nb_begin = n_begin / kBlockN;
     int n_lo, n_hi;
-    split_range((n_end + kBlockN - 1) / kBlockN, p.num_splits, t.split, n_lo, n_hi);
+    split_range(max((n_end + kBlockN - 1) / kBlockN - nb_begin, 0), p.num_splits, t.split, n_lo, n_hi);
+    n_lo += nb_begin, n_hi += nb_begin;
     if (n_hi <= n_lo) {  // no key for this CTA: out = 0 and lse = -inf (a split's share: lse = -inf)
+      const int64_t row = q_row(p, t.b, t.h, sb.q_off, m0);
       if (p.num_splits > 1) {
-        float* lse = p.lse_accum + ((static_cast<int64_t>(t.split) * p.batch + t.b) * p.hq + t.h) * p.sq + m0;
+        float* lse = p.lse_accum + t.split * q_rows(p) + row;
         for (int r = tid; r < rows_valid; r += kThreads) lse[r] = -INFINITY;
         return;
       }
-      T* o = static_cast<T*>(p.o.ptr) + t.b * p.o.batch_stride + t.h * p.o.head_stride + m0 * p.o.row_stride;
-      float* lse = p.lse + (static_cast<int64_t>(t.b) * p.hq + t.h) * p.sq + m0;
+      T* o = static_cast<T*>(p.o.ptr) + t.b * p.o.batch_stride + t.h * p.o.head_stride +
+             (sb.q_off + m0) * p.o.row_stride;
+      float* lse = p.lse + row;
       for (int idx = tid; idx < rows_valid * d_chunks; idx += kThreads) {
         const int r = idx / d_chunks, c = idx % d_chunks;
         *reinterpret_cast<int4*>(o + r * p.o.row_stride + c * 8) = make_int4(0, 0, 0, 0);
@@ -154,10 +175,13 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
       for (int r = tid; r < rows_valid; r += kThreads) lse[r] = -INFINITY;
       return;
     }
-    const T* q = static_cast<const T*>(p.q.ptr) + t.b * p.q.batch_stride + t.h * p.q.head_stride;
-    const T* k = static_cast<const T*>(p.k.ptr) + t.b * p.k.batch_stride + hk * p.k.head_stride;
-    const T* v = static_cast<const T*>(p.v.ptr) + t.b * p.v.batch_stride + hk * p.v.head_stride;
-    if (tid == 0) ctx = FwdCtx<T>{k, v, kv_len, m0, n_lo};  // (read after the loop's first barrier)
+    const T* q = static_cast<const T*>(p.q.ptr) + t.b * p.q.batch_stride + t.h * p.q.head_stride +
+                 sb.q_off * p.q.row_stride;
+    const T* k = static_cast<const T*>(p.k.ptr) + t.b * p.k.batch_stride + hk * p.k.head_stride +
+                 sb.k_off * p.k.row_stride;
+    const T* v = static_cast<const T*>(p.v.ptr) + t.b * p.v.batch_stride + hk * p.v.head_stride +
+                 sb.k_off * p.v.row_stride;
+    if (tid == 0) ctx = FwdCtx<T>{k, v, kv_len, m0, n_lo, mask.offset};  // (read after the loop's first barrier)
     n_block = n_hi - 1;
     load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q + m0 * p.q.row_stride, p.q.row_stride, rows_valid, d_chunks,
                                                  q, tid);
@@ -191,10 +215,11 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
     // S = Q K^T: A = Q [m][d], B = K^T with K stored [n][d].
     warp_gemm_ss<T, kMT, kNT, kHeadDim, kHeadDim, kHeadDim, false, false, true>(
         acc_s, operand_a<kHeadDim, false>(sQ, warp_row0, lane), operand_b<kHeadDim, false>(sK, 0, lane));
+    if constexpr (kSoftcap) apply_softcap(acc_s, p.scale / p.softcap);
     {
-      const MaskInfo mask{kv_len, kv_len - p.sq, p.causal};
+      const MaskInfo mask{kv_len, ctx.offset, p.causal, p.window_left, p.window_right};
       const int m0 = ctx.m0;
-      if (mask.tile_needs_mask(m0, n0, kBlockN)) apply_mask(acc_s, m0 + warp_row0, n0, lane, mask);
+      if (mask.tile_needs_mask(m0, kBlockM, n0, kBlockN)) apply_mask(acc_s, m0 + warp_row0, n0, lane, mask);
     }
 
     cp_async_wait<0>();
@@ -207,7 +232,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
     }
 
     uint32_t pk[kMT][kNT][2];
-    softmax.template update<T>(acc_s, acc_o, p.scale * kLog2e, pk, row_sums + tid);
+    softmax.template update<T>(acc_s, acc_o, score_scale_log2<kSoftcap>(p), pk, row_sums + tid);
 
     // O += P V: A = P (packed by the softmax straight from the S accumulators: the C layout of an
     // m16n8 pair is the A layout of m16k16), B = V stored [k = key][n = d] (ldmatrix.trans).
@@ -229,19 +254,20 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
   } while (--n_block >= ctx.n_lo);
 
   float row_lse[kMT * 2];
-  softmax.finalize(acc_o, p.scale * kLog2e, row_lse, row_sums + opaque(threadIdx.x));
+  softmax.finalize(acc_o, score_scale_log2<kSoftcap>(p), row_lse, row_sums + opaque(threadIdx.x));
 
   // Epilogue: everything re-derived from blockIdx / threadIdx (through opaque(): nothing computed
   // before the loop stays alive across it).
   const int tid = static_cast<int>(opaque(threadIdx.x)), lane = tid & 31, warp = tid >> 5;
   const int warp_row0 = warp * Kt::kWarpRows;
   const FwdTile t(p, kBlockM, opaque(blockIdx.x));
+  const SeqBounds sb = seq_bounds(p, t.b);
   const int m0 = t.m_block * kBlockM;
-  const int rows_valid = min(kBlockM, p.sq - m0);
+  const int rows_valid = min(kBlockM, sb.sq - m0);
   if (p.num_splits > 1) {
     // Split-KV: this split's normalised partial output (fp32) and its lse, merged later by
     // flash_decode_combine (flash_decode.cu). Straight from the accumulators (8-byte stores).
-    const int64_t row_base = ((static_cast<int64_t>(t.split) * p.batch + t.b) * p.hq + t.h) * p.sq + m0;
+    const int64_t row_base = t.split * q_rows(p) + q_row(p, t.b, t.h, sb.q_off, m0);
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -259,8 +285,9 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
     }
     return;
   }
-  T* o = static_cast<T*>(p.o.ptr) + t.b * p.o.batch_stride + t.h * p.o.head_stride + m0 * p.o.row_stride;
-  float* lse = p.lse + (static_cast<int64_t>(t.b) * p.hq + t.h) * p.sq + m0;
+  T* o = static_cast<T*>(p.o.ptr) + t.b * p.o.batch_stride + t.h * p.o.head_stride +
+         (sb.q_off + m0) * p.o.row_stride;
+  float* lse = p.lse + q_row(p, t.b, t.h, sb.q_off, m0);
   // Every warp passed the last loop barrier after its final read of Q, so Q's buffer is free.
   store_acc_to_smem<T, kMT, kDT, kHeadDim>(acc_o, smem, warp_row0, 0, lane, 1.f);
   if ((lane & 3) == 0) {
@@ -277,14 +304,14 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FlashFwdP
   store_tile<kBlockM, kHeadDim, kThreads>(smem, o, p.o.row_stride, rows_valid, p.d / 8, tid);
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kSoftcap>
 cudaError_t run_flash_fwd_sm80(const FlashFwdParams& p, cudaStream_t stream) {
   using Kt = typename FwdConfig<kHeadDim>::Traits;
   const int64_t num_m_blocks = (p.sq + Kt::kBlockM - 1) / Kt::kBlockM;
   const int64_t grid = num_m_blocks * p.num_splits * p.batch * p.hq;
   if (grid <= 0) return cudaSuccess;
   if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = flash_fwd_kernel<T, Kt>;
+  auto kernel = flash_fwd_kernel<T, Kt, kSoftcap>;
   if (Kt::kSmem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kt::kSmem);
     if (err != cudaSuccess) return err;

@@ -10,6 +10,18 @@ namespace {
 
 using gptk_emu_abi::ref;
 
+// The variant fields (window, softcap, varlen) every following call gets, set by emu_attn_set_variants
+// (tests/test_emulated_attention_variants.py) and reset to none by emu_attn_set_variants(-1, -1, 0, ...).
+// For varlen calls the tensors are (total, H, D) with batch stride 0 and dims[3] / dims[4] the maxima.
+gptk::attn::VariantParams g_variants;
+
+template <typename Params>
+void with_variants(Params& p) {
+  static_cast<gptk::attn::VariantParams&>(p) = g_variants;
+  // as the binding does: value checks are problem_error's (the launchers refuse bad values)
+  if (gptk::attn::problem_error(p).empty()) gptk::attn::canonical_variants(p);
+}
+
 // The implementation the binding would choose for `op` on the emulated device (select_impl from its
 // compute capability: sm_90 by default, sm_80 per case).
 gptk::attn::Impl impl_for(gptk::attn::AttnOp op) {
@@ -22,7 +34,9 @@ gptk::attn::Impl impl_for(gptk::attn::AttnOp op) {
 // dims: batch, hq, hkv, sq, sk, d, causal, dtype
 gptk::attn::FlashFwdParams fwd_params(void* const* t, const int64_t* strides, float* lse, const int* kv_lens,
                                       const int* dims, float scale, gptk::attn::AttnOp op) {
-  return gptk_emu_abi::fwd_params(t, strides, lse, kv_lens, dims, scale, impl_for(op));
+  gptk::attn::FlashFwdParams p = gptk_emu_abi::fwd_params(t, strides, lse, kv_lens, dims, scale, impl_for(op));
+  with_variants(p);
+  return p;
 }
 
 // t: q, k, v, o, dout, dq, dk, dv; dims as above plus deterministic, head_splits
@@ -41,9 +55,29 @@ gptk::attn::FlashBwdParams bwd_params(void* const* t, const int64_t* strides, co
   p.deterministic = dims[8] != 0;
   p.head_splits = dims[9];
   p.scale = scale;
+  with_variants(p);
   return p;
 }
 
+}  // namespace
+
+GPTK_EMU_EXPORT void emu_attn_set_variants(int window_left, int window_right, float softcap, const int* cu_seqlens_q,
+                                           const int* cu_seqlens_k, int total_q, int total_k) {
+  g_variants.window_left = window_left;
+  g_variants.window_right = window_right;
+  g_variants.softcap = softcap;
+  g_variants.cu_seqlens_q = cu_seqlens_q;
+  g_variants.cu_seqlens_k = cu_seqlens_k;
+  g_variants.total_q = total_q;
+  g_variants.total_k = total_k;
+}
+
+GPTK_EMU_EXPORT const char* emu_attn_limits_json() {
+  static const std::string s = gptk::attn::limits_json();
+  return s.c_str();
+}
+
+namespace {
 constexpr gptk::attn::AttnOp kFwd = gptk::attn::AttnOp::kFwd, kDecode = gptk::attn::AttnOp::kDecode;
 }  // namespace
 
