@@ -4,7 +4,8 @@
 csrc/attention/attention_limits.h lists the head dims (GPTK_ATTN_HEAD_DIMS) and dtypes
 (GPTK_ATTN_DTYPES) the kernels are compiled for. Each (kind, head dim, dtype) gets its own file,
 csrc/attention/flash_{fwd,bwd}_hdim{D}_{dtype}.cu (sm80 forward and backward) and
-csrc/attention/sm90/flash_fwd_sm90_hdim{D}_{dtype}.cu (the Hopper forward, compiled for sm_90a only),
+csrc/attention/sm90/flash_{fwd,bwd}_sm90_hdim{D}_{dtype}.cu (the Hopper forward and backward, compiled
+for sm_90a only),
 so that builds compile them in parallel. The files are checked in; this script rewrites them and
 removes those no longer listed.
 
@@ -26,7 +27,8 @@ LIMITS = ATTN / "attention_limits.h"
 # kind (file stem flash_{kind}) -> (what, folder under csrc/attention, kernel header, launcher, params)
 KINDS = {"fwd": ("forward", "", "flash_fwd_kernel.cuh", "run_flash_fwd_sm80", "FlashFwdParams"),
          "bwd": ("backward", "", "flash_bwd_kernel.cuh", "run_flash_bwd_sm80", "FlashBwdParams"),
-         "fwd_sm90": ("sm_90a forward", "sm90", "flash_fwd_sm90_kernel.cuh", "run_flash_fwd_sm90_", "FlashFwdParams")}
+         "fwd_sm90": ("sm_90a forward", "sm90", "flash_fwd_sm90_kernel.cuh", "run_flash_fwd_sm90_", "FlashFwdParams"),
+         "bwd_sm90": ("sm_90a backward", "sm90", "flash_bwd_sm90_kernel.cuh", "run_flash_bwd_sm90_", "FlashBwdParams")}
 PATTERN = "flash_{kind}_hdim*_*.cu"
 
 

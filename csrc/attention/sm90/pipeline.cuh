@@ -65,6 +65,7 @@ enum class NamedBarrier : uint32_t {
   kSchedWG1 = 2,     // consumer warpgroup 1 may issue its GEMMs (arrived at by warpgroup 0)
   kEpilogueWG0 = 3,  // the 128 threads of consumer warpgroup 0 have written their output tile
   kEpilogueWG1 = 4,
+  kBwdDsReady = 5,   // backward: both consumer warpgroups have written their dS^T rows (flash_bwd_sm90_kernel.cuh)
 };
 
 __device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {
