@@ -285,24 +285,26 @@ def test_attention_impl_names_match_the_extension(monkeypatch):
 
 @needs_ext
 def test_sm90_row_of_the_implementation_table(monkeypatch):
-    """The Hopper forward is one opt-in row of select_impl's table: forward only, compute capability
-    9.0 only, in a build with sm_90a only; attention_impl (what `gptkernels info` prints) names it
-    where it could run and says how to select it."""
+    """The Hopper forward and backward are one opt-in row of select_impl's table: forward and backward
+    (not decode), compute capability 9.0 only, in a build with sm_90a only; attention_impl (what
+    `gptkernels info` prints) names it where it could run and says how to select it."""
     from gptkernels import _info
     built = "90a" in _info.build_info()["archs"].split(";")
     impl = A.kernel_implementation
     monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "auto")
-    auto90 = impl("fwd", (9, 0))
-    assert auto90.startswith("sm80 mma.sync kernel; ")
-    assert ("opt-in: sm90 wgmma/TMA kernel (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=sm90" in auto90) == built
-    assert ("sm90 wgmma/TMA kernel: not in this build" in auto90) == (not built)
+    for op in ("fwd", "bwd"):
+        auto90 = impl(op, (9, 0))
+        assert auto90.startswith("sm80 mma.sync kernel; ")
+        assert ("opt-in: sm90 wgmma/TMA kernel (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=sm90" in auto90) == built
+        assert ("sm90 wgmma/TMA kernel: not in this build" in auto90) == (not built)
     monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm90")
-    if built:
-        assert impl("fwd", (9, 0)) == ("sm90 wgmma/TMA kernel (opt-in, not verified on a GPU); "
-                                      "calls it refuses: sm80 mma.sync kernel")
-    else:
-        assert impl("fwd", (9, 0)).startswith("sm80 mma.sync kernel; sm90 wgmma/TMA kernel: not in this build")
-    for op, cc in (("bwd", (9, 0)), ("fwd", (8, 0)), ("fwd", (10, 0)), ("fwd", (8, 9))):
+    for op in ("fwd", "bwd"):
+        if built:
+            assert impl(op, (9, 0)) == ("sm90 wgmma/TMA kernel (opt-in, not verified on a GPU); "
+                                        "calls it refuses: sm80 mma.sync kernel")
+        else:
+            assert impl(op, (9, 0)).startswith("sm80 mma.sync kernel; sm90 wgmma/TMA kernel: not in this build")
+    for op, cc in (("bwd", (8, 0)), ("fwd", (8, 0)), ("fwd", (10, 0)), ("fwd", (8, 9)), ("bwd", (10, 0))):
         assert impl(op, cc) == "sm80 mma.sync kernel", (op, cc)  # no sm90 row for them
     assert impl("decode", (9, 0)) == "sm80 split-KV decode kernel"
     monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm80")
