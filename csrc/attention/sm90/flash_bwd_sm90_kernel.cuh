@@ -91,6 +91,7 @@ struct BwdTraits {
   static_assert(kTileQ % 1024 == 0 && kTileKV % 1024 == 0 && kTileDs % 1024 == 0, "swizzled tiles 1024-aligned");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumerWGs <= 65536, "register file");
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
+  static_assert(kStages % 2 == 0, "the dS^T buffer is the ring slot's parity");
 };
 
 template <int kHeadDim>
@@ -269,18 +270,15 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
   const int cw = wg - 1, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int wrow = ((tid / 32) & 3) * 16 + g;  // this thread's first row in a 64-row warpgroup tile
   const int qb = Kt::kDqRowBlocks > 1 ? cw : 0, cb = Kt::kDqColBlocks > 1 ? cw : 0;  // its dQ piece
-  const float scale_log2 = f.scale * kLog2e;
-  const int offset = f.sk - f.sq;
-  const BwdWork w(f, blockIdx.x);
-  const int num_n = (f.sk + kBlockN - 1) / kBlockN;
-  const int grid_n = f.deterministic ? f.dq_splits : num_n;
-  const int64_t slice = f.deterministic ? w.x : 0;
+  // Per-CTA values (work decode, sizes, scale) are re-derived from the parameters where used (through
+  // opaque(): not hoisted), so that only the loop state stays live next to 192 fp32 accumulators.
+  auto work = [&] { return BwdWork(f, opaque(blockIdx.x)); };
+  auto num_n = [&] { return (static_cast<int>(opaque(static_cast<uint32_t>(f.sk))) + kBlockN - 1) / kBlockN; };
 
-  PipeState<kStages> rd;
+  PipeState<kStages> rd;  // also picks the dS^T buffer: rd.index & 1 alternates step by step (kStages even)
   uint32_t kv_phase = 0;
-  int step = 0;  // over all key blocks: the dS^T buffer
-  for (int n_block = w.x; n_block < num_n; n_block += grid_n) {
-    const KeyBlock kb(f, w, n_block, kBlockM);
+  for (int n_block = work().x; n_block < num_n();) {
+    const KeyBlock kb(f, work(), n_block, kBlockM);
     const int key0 = kb.n0 + cw * 64 + wrow;  // keys key0, key0 + 8 of this thread's accumulator rows
     float acc_dk[kDT][4], acc_dv[kDT][4];
 #pragma unroll
@@ -288,7 +286,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_dk[j][e] = acc_dv[j][e] = 0.f;
     if (kb.total > 0) mbar_wait(kv_full, kv_phase);
-    for (int it = 0; it < kb.total; ++it, ++step) {
+    for (int it = 0; it < kb.total; ++it) {
       const int h = kb.head(it), m0 = kb.m0(it, kBlockM);
       const uint32_t stage = s0 + Kt::kOffStages + rd.index * Kt::kStageBytes;
       const uint32_t sQ = stage, sdO = stage + Kt::kTileQ;
@@ -304,16 +302,20 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       wgmma_commit();
       wgmma_wait<1>();
       fence_operand(acc_s);
-      // P^T: the rows are keys, the columns queries m0 + 8j + 2t (+1)
-      const bool need_mask = kb.n0 + cw * 64 + 63 >= f.sk || (f.causal && kb.n0 + cw * 64 + 63 > m0 + offset);
+      // P^T: the rows are keys key0 (+8), the columns queries m0 + 8j + 2t (+1). Causal: key > query +
+      // offset is masked, i.e. rel + 8 (e >> 1) - (e & 1) > 8 j with rel below (constants per unrolled
+      // element). Keys past Sk need no mask: TMA zero-fills their K and V rows, so their dP^T row is 0,
+      // their dS^T row meets a zero K row in dQ = dS K, and their dK / dV rows are never stored.
+      const int offset = f.sk - f.sq;
+      const int rel = f.causal && kb.n0 + cw * 64 + 63 > m0 + offset ? key0 - m0 - offset - 2 * t : INT_MIN / 2;
+      const float scale_log2 = f.scale * kLog2e;
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
         const float2 l2 = *reinterpret_cast<const float2*>(lse2 + 8 * j + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = key0 + 8 * (e >> 1), q = m0 + 8 * j + 2 * t + (e & 1);
           const float pr = fast_exp2(fmaf(acc_s[j][e], scale_log2, -((e & 1) ? l2.y : l2.x)));
-          acc_s[j][e] = need_mask && (key >= f.sk || (f.causal && key > q + offset)) ? 0.f : pr;
+          acc_s[j][e] = rel + 8 * (e >> 1) - (e & 1) > 8 * j ? 0.f : pr;
         }
       }
       wgmma_wait<0>();
@@ -328,7 +330,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       pack_p<T, kNT>(acc_s, pa);
       pack_p<T, kNT>(acc_dp, dsa);
       // dS^T rows (keys cw*64 + wrow (+8)) into buffer step & 1: [query/64][key][64 queries], 128B swizzle
-      char* ds_tile = smem + Kt::kOffDs + (step & 1) * Kt::kTileDs;
+      char* ds_tile = smem + Kt::kOffDs + (rd.index & 1) * Kt::kTileDs;
 #pragma unroll
       for (int kk = 0; kk < kNT / 2; ++kk) {
 #pragma unroll
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       named_bar_sync(static_cast<uint32_t>(NamedBarrier::kBwdDsReady), 256);  // both halves of dS^T written
       float acc_dq[8][4];
       wgmma_fence();
-      gemm_dq<T, Kt>(acc_dq, s0 + Kt::kOffDs + (step & 1) * Kt::kTileDs, sK, qb, cb);
+      gemm_dq<T, Kt>(acc_dq, s0 + Kt::kOffDs + (rd.index & 1) * Kt::kTileDs, sK, qb, cb);
       wgmma_commit();
       wgmma_wait<0>();
       fence_operand(acc_dq);
@@ -356,8 +358,9 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       fence_operand(pa);  // the A fragments of dV / dK stay allocated until their wgmma completed (FlashAttention-3
       fence_operand(dsa);  // flash::gemm fences an RS A operand the same way): acc_dq must not reuse them
       ring.release(rd, lane);  // Q, dO, lse, delta of this slot are no longer read
-      rd.advance();
       // dQ piece: rows m0 + 64 qb + wrow (+8), columns 64 cb + 8j + 2t (+1)
+      const BwdWork w = work();
+      const int64_t slice = f.deterministic ? w.x : 0;
       float* dq = f.dq_accum + ((slice * f.batch + w.b) * f.hq + h) * static_cast<int64_t>(f.sq) * f.d;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
@@ -369,11 +372,13 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
           if (c < f.d) red_add_pair(dq + static_cast<int64_t>(r) * f.d + c, acc_dq[j][2 * hh], acc_dq[j][2 * hh + 1]);
         }
       }
+      rd.advance();
     }
     if (kb.total > 0 && lane == 0) mbar_arrive(kv_empty);  // K and V are no longer read (wgmma waited)
     if (kb.total > 0) kv_phase ^= 1u;
 
     // ---- epilogue of the key block: rows key0 (+8), columns 8j + 2t (+1) --------------------------------
+    const BwdWork w = work();
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int key = key0 + 8 * hh;
@@ -399,6 +404,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
         }
       }
     }
+    n_block += f.deterministic ? f.dq_splits : num_n();
   }
 #endif
 }
