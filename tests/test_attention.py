@@ -880,8 +880,8 @@ def test_bwd_opcheck_cuda():
 
 
 @pytest.mark.cuda
-def test_bwd_small_sanitize():
-    """Small backward shapes for compute-sanitizer runs."""
+def test_bwd_small_sanitize(attn_impl):
+    """Small backward shapes for compute-sanitizer runs (on each implementation's backward)."""
     for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
         check_bwd(1, 2, 1, sq, sk, 64, torch.bfloat16, True)
         check_bwd(1, 2, 2, sq, sk, 128, torch.float16, False, layout="bshd", deterministic=True)
