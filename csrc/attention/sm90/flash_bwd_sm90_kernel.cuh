@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       fence_operand(acc_dv);
       fence_operand(acc_dk);
       fence_operand(pa);  // the A fragments of dV / dK stay allocated until their wgmma completed (FlashAttention-3
-      fence_operand(dsa);  // flash::gemm fences an RS A operand the same way): acc_dq must not reuse them
+      fence_operand(dsa);  // hopper/utils.h flash::gemm fences an RS A operand the same way): acc_dq may not reuse them
       ring.release(rd, lane);  // Q, dO, lse, delta of this slot are no longer read
       // dQ piece: rows m0 + 64 qb + wrow (+8), columns 64 cb + 8j + 2t (+1)
       const BwdWork w = work();
