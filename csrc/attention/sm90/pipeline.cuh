@@ -1,5 +1,6 @@
-// pipeline.cuh: the K/V ring of the sm90 attention forward as small types -- slot/phase state, the
-// full/empty mbarrier pairs of each slot -- and the named barriers of the consumer warpgroups.
+// pipeline.cuh: the TMA rings of the sm90 attention kernels (the forward's K/V, the backward's
+// Q/dO/lse/delta) as small types -- slot/phase state, the full/empty mbarrier pairs of each slot --
+// and the named barriers of the consumer warpgroups.
 //
 // Ring protocol (FlashAttention-3 hopper/mainloop_fwd_sm90_tma_gmma_ws.hpp with CUTLASS
 // PipelineTmaAsync, cutlass/pipeline/sm90_pipeline.hpp; written here without them):

@@ -1,6 +1,6 @@
 // wgmma.cuh: warpgroup tensor-core MMA on sm_90a (wgmma.mma_async), its shared-memory matrix
 // descriptors, the fences around it, and warpgroup register reconfiguration (setmaxnreg).
-// Device code only; used by flash_fwd_sm90_kernel.cuh.
+// Device code only; used by flash_fwd_sm90_kernel.cuh and flash_bwd_sm90_kernel.cuh.
 //
 // A warpgroup is 4 consecutive warps (128 threads, the first warp a multiple of 4). One
 // wgmma.mma_async.m64nNk16 computes D[64 x N] (+)= A[64 x 16] * B[16 x N] for the whole warpgroup:
