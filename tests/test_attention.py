@@ -285,24 +285,26 @@ def test_attention_impl_names_match_the_extension(monkeypatch):
 
 @needs_ext
 def test_sm90_row_of_the_implementation_table(monkeypatch):
-    """The Hopper forward is one opt-in row of select_impl's table: forward only, compute capability
-    9.0 only, in a build with sm_90a only; attention_impl (what `gptkernels info` prints) names it
-    where it could run and says how to select it."""
+    """The Hopper forward and backward are one opt-in row of select_impl's table: forward and backward
+    (not decode), compute capability 9.0 only, in a build with sm_90a only; attention_impl (what
+    `gptkernels info` prints) names it where it could run and says how to select it."""
     from gptkernels import _info
     built = "90a" in _info.build_info()["archs"].split(";")
     impl = A.kernel_implementation
     monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "auto")
-    auto90 = impl("fwd", (9, 0))
-    assert auto90.startswith("sm80 mma.sync kernel; ")
-    assert ("opt-in: sm90 wgmma/TMA kernel (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=sm90" in auto90) == built
-    assert ("sm90 wgmma/TMA kernel: not in this build" in auto90) == (not built)
+    for op in ("fwd", "bwd"):
+        auto90 = impl(op, (9, 0))
+        assert auto90.startswith("sm80 mma.sync kernel; ")
+        assert ("opt-in: sm90 wgmma/TMA kernel (not verified on a GPU), GPTKERNELS_ATTENTION_IMPL=sm90" in auto90) == built
+        assert ("sm90 wgmma/TMA kernel: not in this build" in auto90) == (not built)
     monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm90")
-    if built:
-        assert impl("fwd", (9, 0)) == ("sm90 wgmma/TMA kernel (opt-in, not verified on a GPU); "
-                                      "calls it refuses: sm80 mma.sync kernel")
-    else:
-        assert impl("fwd", (9, 0)).startswith("sm80 mma.sync kernel; sm90 wgmma/TMA kernel: not in this build")
-    for op, cc in (("bwd", (9, 0)), ("fwd", (8, 0)), ("fwd", (10, 0)), ("fwd", (8, 9))):
+    for op in ("fwd", "bwd"):
+        if built:
+            assert impl(op, (9, 0)) == ("sm90 wgmma/TMA kernel (opt-in, not verified on a GPU); "
+                                        "calls it refuses: sm80 mma.sync kernel")
+        else:
+            assert impl(op, (9, 0)).startswith("sm80 mma.sync kernel; sm90 wgmma/TMA kernel: not in this build")
+    for op, cc in (("bwd", (8, 0)), ("fwd", (8, 0)), ("fwd", (10, 0)), ("fwd", (8, 9)), ("bwd", (10, 0))):
         assert impl(op, cc) == "sm80 mma.sync kernel", (op, cc)  # no sm90 row for them
     assert impl("decode", (9, 0)) == "sm80 split-KV decode kernel"
     monkeypatch.setenv("GPTKERNELS_ATTENTION_IMPL", "sm80")
@@ -319,10 +321,11 @@ def test_sm90_row_of_the_implementation_table(monkeypatch):
             assert d["ops"]["attention fwd"].startswith("sm90" if cap == (9, 0) else "sm80")
 
 
-def test_sm90_sass_has_hopper_instructions(tmp_path):
-    """The sm_90a build of the Hopper forward uses wgmma (HGMMA), TMA (UTMALDG / UTMASTG), mbarriers
-    (SYNCS) and setmaxnreg, nothing in local memory, and each warpgroup role fits the registers
-    setmaxnreg gives it (tools/sass_check.py; needs nvcc and cuobjdump, not a GPU)."""
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_sm90_sass_has_hopper_instructions(tmp_path, kind):
+    """The sm_90a builds of the Hopper forward and backward use wgmma (HGMMA), TMA (UTMALDG; the forward
+    also UTMASTG), mbarriers (SYNCS) and setmaxnreg, nothing in local memory, and each warpgroup role
+    fits the registers setmaxnreg gives it (tools/sass_check.py; needs nvcc and cuobjdump, not a GPU)."""
     import importlib.util
     import subprocess
     import sys
@@ -332,7 +335,7 @@ def test_sm90_sass_has_hopper_instructions(tmp_path):
     spec.loader.exec_module(sc)
     if sc.find_tool("nvcc") is None or sc.find_tool("cuobjdump") is None:
         pytest.skip("needs nvcc and cuobjdump")
-    src = os.path.join(root, "csrc", "attention", "sm90", "flash_fwd_sm90_hdim128_bf16.cu")
+    src = os.path.join(root, "csrc", "attention", "sm90", f"flash_{kind}_sm90_hdim128_bf16.cu")
     out = tmp_path / "sass.json"
     p = subprocess.run([sys.executable, os.path.join(root, "tools", "sass_check.py"), src, "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
@@ -692,8 +695,51 @@ def test_sm90_kv_lens_straddling_tiles(D, attn_impl):
 
 @pytest.mark.cuda
 def test_sm90_backward_from_sm90_forward(attn_impl):
-    """The sm80 backward runs on out / lse from either forward."""
+    """Each implementation's backward runs on out / lse from its forward (sm90: both Hopper kernels)."""
     check_bwd(2, 4, 2, 200, 333, 64, torch.bfloat16, True, layout="bshd")
+
+
+# ---- the sm90 (Hopper) backward ------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_sm90_bwd_selection_runs_the_sm90_kernel(attn_impl):
+    """GPTKERNELS_ATTENTION_IMPL=sm90 runs the Hopper backward (no silent fallback for a supported call)."""
+    q, k, v = rand_qkv(1, 4, 2, 300, 300, 128, torch.bfloat16, "cuda", "bshd")
+    out, lse = torch.ops.gptkernels.flash_attn_fwd(q, k, v, True, 0.1, "bshd", None, False)
+    dout = torch.randn_like(out)
+    names = kernels_launched(lambda: torch.ops.gptkernels.flash_attn_bwd(dout, q, k, v, out, lse, None, True, 0.1,
+                                                                          "bshd", False))
+    assert any("flash_bwd_sm90_kernel" in n for n in names) == (attn_impl == "sm90"), names
+    assert A.kernel_implementation("bwd").startswith(attn_impl)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_bwd_tile_edges(dtype, D, causal, attn_impl):
+    """Backward lengths a few rows / keys from the sm90 backward's tile edges (128 keys; 128 queries at
+    d = 64, 64 at d = 128), Sq != Sk both ways, GQA, both layouts, dlse."""
+    for sq, sk in [(127, 129), (63, 65), (129, 255), (300, 17), (17, 300)]:
+        for layout in ("bhsd", "bshd"):
+            check_bwd(2, 6, 3, sq, sk, D, dtype, causal, layout=layout, with_dlse=layout == "bshd")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_bwd_deterministic(D, attn_impl):
+    """deterministic=True on the sm90 backward: bitwise identical gradients run to run (dq slices), GQA."""
+    q, k, v = rand_qkv(2, 8, 2, 700, 900, D, torch.bfloat16, "cuda", requires_grad=True)
+    check_bwd(2, 8, 2, 700, 900, D, torch.bfloat16, True, deterministic=True, qkv=(q, k, v))
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(3):
+        with gptkernels.backend("kernel"):
+            _, g = grads_of(lambda: GF.flash_attention(q, k, v, True, None, deterministic=True), (q, k, v), dout)
+        runs.append([t.clone() for t in g])
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
@@ -834,8 +880,8 @@ def test_bwd_opcheck_cuda():
 
 
 @pytest.mark.cuda
-def test_bwd_small_sanitize():
-    """Small backward shapes for compute-sanitizer runs."""
+def test_bwd_small_sanitize(attn_impl):
+    """Small backward shapes for compute-sanitizer runs (on each implementation's backward)."""
     for sq, sk in [(1, 1), (17, 5), (5, 17), (65, 129)]:
         check_bwd(1, 2, 1, sq, sk, 64, torch.bfloat16, True)
         check_bwd(1, 2, 2, sq, sk, 128, torch.float16, False, layout="bshd", deterministic=True)

@@ -23,9 +23,10 @@
 #   --hf           also run the Hugging Face benchmark (benchmarks/e2e_hf.py --quick: GPT-2 124M and a
 #                  125M Llama, eager / sdpa / gptkernels.hf.patch, train step + generate)
 #   --generate     also run the generation benchmark (benchmarks/bench_generate.py --quick) if present
-#   --attention-sm90  preset for the Hopper attention forward (issue 11): the attention CUDA tests on
-#                  both forward kernels (sm80, sm90), the three sanitizers on the small sm90 shapes,
-#                  then the full attention forward grid (sm90, sm80, SDPA flash, SDPA cuDNN); no self-test.
+#   --attention-sm90  preset for the Hopper attention forward and backward (issues 11, 12): the attention
+#                  CUDA tests on both forward kernels (sm80, sm90) and the sm90 backward tests, the three
+#                  sanitizers on the small sm90 forward and backward shapes, then the full attention
+#                  forward grid (sm90, sm80, SDPA flash, SDPA cuDNN); no self-test.
 # Afterwards, copy $OUT/device-bench.json (and the unpacked tarball) into benchmarks/results/.
 set -uo pipefail
 BUDGET=540; TEST_BUDGET=240; TESTS=""; OPS=""; BENCH=1; SANITIZE=0; FULL=""; E2E=0; SELFTEST=1; HF=0; GEN=0
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     --sanitize-tests) SAN_TESTS=$2; shift 2;;
     --bench-modes) BENCH_MODES=$2; shift 2;;
     --attention-sm90) TESTS="test_attention and (fwd or sm90 or kv_cache)"; SANITIZE=1; SELFTEST=0
-                      SAN_TESTS="fwd_small_sanitize and sm90"; OPS=attention; FULL=1; BENCH_MODES=fwd; shift;;
+                      SAN_TESTS="(fwd_small_sanitize or bwd_small_sanitize) and sm90"; OPS=attention; FULL=1; BENCH_MODES=fwd; shift;;
     --e2e) E2E=1; shift;;
     --no-selftest) SELFTEST=0; shift;;
     --hf) HF=1; shift;;

@@ -4,7 +4,8 @@
 csrc/attention/attention_limits.h lists the head dims (GPTK_ATTN_HEAD_DIMS) and dtypes
 (GPTK_ATTN_DTYPES) the kernels are compiled for. Each (kind, head dim, dtype) gets its own file,
 csrc/attention/flash_{fwd,bwd}_hdim{D}_{dtype}.cu (sm80 forward and backward) and
-csrc/attention/sm90/flash_fwd_sm90_hdim{D}_{dtype}.cu (the Hopper forward, compiled for sm_90a only),
+csrc/attention/sm90/flash_{fwd,bwd}_sm90_hdim{D}_{dtype}.cu (the Hopper forward and backward, compiled
+for sm_90a only),
 so that builds compile them in parallel. The files are checked in; this script rewrites them and
 removes those no longer listed.
 
@@ -26,12 +27,14 @@ LIMITS = ATTN / "attention_limits.h"
 # kind (file stem flash_{kind}) -> (what, folder under csrc/attention, kernel header, launcher, params)
 KINDS = {"fwd": ("forward", "", "flash_fwd_kernel.cuh", "run_flash_fwd_sm80", "FlashFwdParams"),
          "bwd": ("backward", "", "flash_bwd_kernel.cuh", "run_flash_bwd_sm80", "FlashBwdParams"),
-         "fwd_sm90": ("sm_90a forward", "sm90", "flash_fwd_sm90_kernel.cuh", "run_flash_fwd_sm90_", "FlashFwdParams")}
+         "fwd_sm90": ("sm_90a forward", "sm90", "flash_fwd_sm90_kernel.cuh", "run_flash_fwd_sm90_", "FlashFwdParams"),
+         "bwd_sm90": ("sm_90a backward", "sm90", "flash_bwd_sm90_kernel.cuh", "run_flash_bwd_sm90_", "FlashBwdParams")}
 # kind -> its compile-time variants: (file name suffix, what, extra template arguments of the launcher).
 # The sm80 kernels are compiled once without and once with softcap (kSoftcap, flash.h), each in its own file.
 VARIANTS = {"fwd": [("", "", ", false"), ("_softcap", " with softcap", ", true")],
             "bwd": [("", "", ", false"), ("_softcap", " with softcap", ", true")],
-            "fwd_sm90": [("", "", "")]}
+            "fwd_sm90": [("", "", "")],
+            "bwd_sm90": [("", "", "")]}
 PATTERN = "flash_{kind}_hdim*_*.cu"
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Compile the sm_90a attention forward and check its SASS: the Hopper instructions it was written
-for are there, nothing goes to local memory, and how many registers each warpgroup role uses.
+"""Compile the sm_90a attention forward and backward and check their SASS: the Hopper instructions they
+were written for are there, nothing goes to local memory, and how many registers each warpgroup role uses.
 
-  python tools/sass_check.py                  # csrc/attention/sm90/flash_fwd_sm90_hdim*.cu
+  python tools/sass_check.py                  # csrc/attention/sm90/flash_{fwd,bwd}_sm90_hdim*.cu
   python tools/sass_check.py --json out.json  # also write the table as JSON
   python tools/sass_check.py some.o           # an object file already compiled for sm_90a
 
 Checks, per kernel whose name contains `--kernel` (default "sm90"):
-- HGMMA (wgmma.mma_async), UTMALDG (TMA load), UTMASTG (TMA store), SYNCS (mbarrier) and
-  USETMAXREG (setmaxnreg) occur; no LDL/STL (local memory: spills or stack arrays).
+- HGMMA (wgmma.mma_async), UTMALDG (TMA load), SYNCS (mbarrier), USETMAXREG (setmaxnreg) and, in
+  the forward (which stores O by TMA), UTMASTG occur; no LDL/STL (local memory: spills or stack
+  arrays). The backward writes dK / dV and the dQ atomics with ordinary stores / reductions.
 - Registers per role: the highest register index reached from each USETMAXREG instruction by
   following the control flow (branches, fall-through) up to EXIT, compared with the count that
   setmaxnreg sets for that role. The entry count is ptxas' "Used N registers".
@@ -28,7 +29,12 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("HGMMA", "UTMALDG", "UTMASTG", "SYNCS", "USETMAXREG")
+REQUIRED = ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG")
+REQUIRED_FWD = REQUIRED + ("UTMASTG",)  # kernels whose mangled name contains "fwd"
+
+
+def required(name: str) -> tuple:
+    return REQUIRED_FWD if "fwd" in name else REQUIRED
 
 
 def find_tool(name: str) -> str | None:
@@ -127,7 +133,7 @@ def check_object(obj: str, kernel_filter: str, ptxas_log: str = "") -> list[dict
             if m:
                 role = "producer" if m.group(1).startswith("DEALLOC") else "consumer"
                 roles[role] = {"setmaxnreg": int(m.group(2), 0), "used": max_reg_from(code, i + 1)}
-        missing = [op for op in REQUIRED if op not in ops]
+        missing = [op for op in required(name) if op not in ops]
         local = sorted(op for op in ops if op in ("LDL", "STL"))
         over = [r for r, v in roles.items() if v["used"] > v["setmaxnreg"]]
         rows.append({"kernel": name, "entry_regs": int(used[name]) if name in used else None, "roles": roles,
@@ -149,7 +155,7 @@ def main() -> int:
     ap.add_argument("--kernel", default="sm90", help="check kernels whose mangled name contains this")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    inputs = args.inputs or sorted(glob.glob(os.path.join(ROOT, "csrc/attention/sm90/flash_fwd_sm90_hdim*.cu")))
+    inputs = args.inputs or sorted(glob.glob(os.path.join(ROOT, "csrc/attention/sm90/flash_*_sm90_hdim*.cu")))
     results, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
         for src in inputs:
@@ -169,7 +175,7 @@ def main() -> int:
                 status = "ok" if r["ok"] else (f"FAIL missing={r['missing']} local={r['local_memory']} "
                                                f"over={r['over_budget']}")
                 print(f"{r['source']}: {demangle(r['kernel'])}\n    entry {r['entry_regs']} regs; {roles}; "
-                      f"opcodes {'+'.join(REQUIRED)} {'present' if not r['missing'] else 'MISSING'}; {status}")
+                      f"opcodes {'+'.join(required(r['kernel']))} {'present' if not r['missing'] else 'MISSING'}; {status}")
                 results.append(r)
     if args.json:
         with open(args.json, "w") as fh:

@@ -99,8 +99,9 @@ const char* requested_impl() {
 }
 
 // The implementation that runs `op` on the tensors' device (select_impl, from its compute capability;
-// with a forward's params, implementations that refuse the call are passed over).
-attn::Impl impl_for(attn::AttnOp op, const at::Tensor& t, const attn::FlashFwdParams* call = nullptr) {
+// implementations that refuse the call -- forward or backward params -- are passed over).
+template <typename Params>
+attn::Impl impl_for(attn::AttnOp op, const at::Tensor& t, const Params* call) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   const int cc = prop->major * 10 + prop->minor;
   const attn::Impl impl = attn::select_impl(op, cc, requested_impl(), call);
@@ -351,7 +352,7 @@ void check_bwd_extras(const at::Tensor& dout, const at::Tensor& q, const at::Ten
 
 // Workspace, launch and outputs of a backward whose params hold everything but the workspace.
 void run_bwd(attn::FlashBwdParams& p, const at::Tensor& q) {
-  p.impl = impl_for(attn::AttnOp::kBwd, q);
+  p.impl = impl_for(attn::AttnOp::kBwd, q, &p);
   p.head_splits = attn::flash_bwd_head_splits(p, num_sms());
   const int splits = attn::flash_bwd_dq_splits(p, num_sms());
   at::Tensor ws = at::empty({static_cast<int64_t>(attn::flash_bwd_workspace_bytes(p, splits))},

@@ -31,10 +31,11 @@
 // compute capability (the binding reads it from the tensors' device and stores it in the params);
 // the entry points (flash_api.cu) switch on params.impl, then on dtype and head dim
 // (static_switch.h). Every GPU >= sm_80 runs the mma.sync kernels (flash_fwd_kernel.cuh,
-// flash_bwd_kernel.cuh, flash_decode.cu). The forward also has a Hopper implementation, Impl::kSm90
-// (sm90/: wgmma + TMA + warp specialisation, sharing mask.cuh / softmax.cuh; compiled for sm_90a
-// only, see setup.py): an opt-in row of the table in flash_api.cu (GPTKERNELS_ATTENTION_IMPL=sm90)
-// until it has run on a GPU. Calls its row refuses (sm90/flash_fwd_sm90.h) select the sm80 kernel.
+// flash_bwd_kernel.cuh, flash_decode.cu). The forward and backward also have a Hopper implementation,
+// Impl::kSm90 (sm90/: wgmma + TMA + warp specialisation, sharing mask.cuh / softmax.cuh and the backward's
+// preprocess / convert kernels; compiled for sm_90a only, see setup.py): an opt-in row of the table in
+// flash_api.cu (GPTKERNELS_ATTENTION_IMPL=sm90) until it has run on a GPU. Calls its row refuses
+// (sm90/flash_fwd_sm90.h, sm90/flash_bwd_sm90.h) select the sm80 kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -56,12 +57,14 @@ enum class AttnOp : int { kFwd = 0, kBwd = 1, kDecode = 2 };
 enum class Impl : int { kNone = 0, kSm80 = 1, kSm90 = 2 };
 
 struct FlashFwdParams;
+struct FlashBwdParams;
 
 // The implementation that runs `op` on a device of compute capability `cc` (major * 10 + minor).
 // `requested` (GPTKERNELS_ATTENTION_IMPL; nullptr, "" or "auto" = automatic) names an
 // implementation to prefer where it serves the op and the device (the automatic choice elsewhere).
-// `call` (a forward's params, optional): skip implementations that refuse this call.
+// `call` (a forward's params, optional; or a backward's): skip implementations that refuse this call.
 Impl select_impl(AttnOp op, int cc, const char* requested, const FlashFwdParams* call = nullptr);
+Impl select_impl(AttnOp op, int cc, const char* requested, const FlashBwdParams* call);
 // nullptr when `requested` is empty, "auto" or an implementation's name; else the list of names.
 const char* unknown_impl_error(const char* requested);
 const char* impl_name(Impl impl);                      // "sm80"

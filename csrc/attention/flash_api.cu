@@ -5,8 +5,8 @@
 //   them). The binding calls it with the tensors' device and puts the result in params.impl.
 // - flash_fwd / flash_bwd / flash_decode: check the problem (attention_limits.h: problem_error),
 //   then switch on params.impl, dtype and head dim (ATTN_DTYPE_SWITCH, HEADDIM_SWITCH) to a launcher.
-// The Hopper forward (Impl::kSm90: wgmma + TMA + warp specialisation) has its row in kImpls and
-// `case Impl::kSm90:` in flash_fwd; its launchers are in csrc/attention/sm90/, compiled for sm_90a
+// The Hopper forward and backward (Impl::kSm90: wgmma + TMA + warp specialisation) have their row in
+// kImpls and `case Impl::kSm90:` in flash_fwd / flash_bwd; their launchers are in csrc/attention/sm90/, compiled for sm_90a
 // only and only when 90a is built (setup.py then defines GPTK_HAVE_SM90=1 for every file). Without
 // them the row stays in the table, so that GPTKERNELS_ATTENTION_IMPL=sm90 is a known name, but
 // serves nothing.
@@ -17,6 +17,7 @@
 #include "attention/flash.h"
 #include "static_switch.h"
 #if GPTK_HAVE_SM90
+#include "attention/sm90/flash_bwd_sm90.h"
 #include "attention/sm90/flash_fwd_sm90.h"
 #endif
 
@@ -34,29 +35,37 @@ struct ImplRow {
   // Forward calls it refuses (within problem_error's limits): a reason, or nullptr when it takes the
   // call. nullptr: takes every call. select_impl then moves on to the next row that serves the op.
   const char* (*refuses)(const FlashFwdParams&);
+  const char* (*refuses_bwd)(const FlashBwdParams&);  // the same for backward calls
 };
 
 #if GPTK_HAVE_SM90
 constexpr bool kHaveSm90 = true;
-// The Hopper forward implements none of the variants (window other than causal, softcap, varlen).
+// The Hopper kernels implement none of the variants (window other than causal, softcap, varlen).
 const char* sm90_refuses(const FlashFwdParams& p) {
   if (uses_variant(p)) return "attention variant (sliding window, softcap or varlen)";
   return flash_fwd_sm90_unsupported(p);
 }
+const char* sm90_refuses_bwd(const FlashBwdParams& p) {
+  if (uses_variant(p)) return "attention variant (sliding window, softcap or varlen)";
+  return flash_bwd_sm90_unsupported(p);
+}
 constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = sm90_refuses;
+constexpr const char* (*kSm90RefusesBwd)(const FlashBwdParams&) = sm90_refuses_bwd;
 #else
 constexpr bool kHaveSm90 = false;
 constexpr const char* (*kSm90Refuses)(const FlashFwdParams&) = nullptr;
+constexpr const char* (*kSm90RefusesBwd)(const FlashBwdParams&) = nullptr;
 #endif
 
-// In order of preference (among the rows that are not opt-in). The sm90 forward is opt-in until it
-// has run on a GPU: in the change that records a green device run (CUDA tests of both implementations
+// In order of preference (among the rows that are not opt-in). The sm90 forward and backward are opt-in
+// until they have run on a GPU: in the change that records a green device run (CUDA tests of both implementations
 // and the benchmark in benchmarks/results/), set its opt_in = false and move it above sm80; "auto"
 // then picks it on compute capability 9.0 (sm_90a code runs there only).
 constexpr ImplRow kImpls[] = {
     {Impl::kSm80, "sm80", {"mma.sync kernel", "mma.sync kernel", "split-KV decode kernel"}, 80, 1000, false, true,
-     nullptr},
-    {Impl::kSm90, "sm90", {"wgmma/TMA kernel", nullptr, nullptr}, 90, 90, true, kHaveSm90, kSm90Refuses},
+     nullptr, nullptr},
+    {Impl::kSm90, "sm90", {"wgmma/TMA kernel", "wgmma/TMA kernel", nullptr}, 90, 90, true, kHaveSm90, kSm90Refuses,
+     kSm90RefusesBwd},
 };
 
 const ImplRow* find_row(Impl impl) {
@@ -70,9 +79,11 @@ bool covers(const ImplRow& r, AttnOp op, int cc) {
   return r.what[static_cast<int>(op)] != nullptr && cc >= r.min_cc && cc <= r.max_cc;
 }
 
-bool serves(const ImplRow& r, AttnOp op, int cc, const FlashFwdParams* call) {
-  return r.built && covers(r, op, cc) && (call == nullptr || r.refuses == nullptr || r.refuses(*call) == nullptr);
+bool serves(const ImplRow& r, AttnOp op, int cc, const FlashFwdParams* call, const FlashBwdParams* bwd = nullptr) {
+  return r.built && covers(r, op, cc) && (call == nullptr || r.refuses == nullptr || r.refuses(*call) == nullptr) &&
+         (bwd == nullptr || r.refuses_bwd == nullptr || r.refuses_bwd(*bwd) == nullptr);
 }
+
 
 bool is_auto(const char* requested) {
   return requested == nullptr || requested[0] == '\0' || std::strcmp(requested, "auto") == 0;
@@ -80,13 +91,23 @@ bool is_auto(const char* requested) {
 
 }  // namespace
 
-Impl select_impl(AttnOp op, int cc, const char* requested, const FlashFwdParams* call) {
+namespace {
+Impl select_row(AttnOp op, int cc, const char* requested, const FlashFwdParams* call, const FlashBwdParams* bwd) {
   if (!is_auto(requested))
     for (const ImplRow& r : kImpls)
-      if (std::strcmp(r.name, requested) == 0 && serves(r, op, cc, call)) return r.impl;
+      if (std::strcmp(r.name, requested) == 0 && serves(r, op, cc, call, bwd)) return r.impl;
   for (const ImplRow& r : kImpls)
-    if (!r.opt_in && serves(r, op, cc, call)) return r.impl;
+    if (!r.opt_in && serves(r, op, cc, call, bwd)) return r.impl;
   return Impl::kNone;
+}
+}  // namespace
+
+Impl select_impl(AttnOp op, int cc, const char* requested, const FlashFwdParams* call) {
+  return select_row(op, cc, requested, call, nullptr);
+}
+
+Impl select_impl(AttnOp op, int cc, const char* requested, const FlashBwdParams* call) {
+  return select_row(op, cc, requested, nullptr, call);
 }
 
 const char* unknown_impl_error(const char* requested) {
@@ -118,7 +139,8 @@ std::string impl_summary(AttnOp op, int cc, const char* requested) {
   if (s.empty()) return s;
   const ImplRow& c = *find_row(chosen);
   if (c.opt_in) s += " (opt-in, not verified on a GPU)";
-  if (c.refuses != nullptr) s += "; calls it refuses: " + impl_description(select_impl(op, cc, "auto"), op);
+  if (op == AttnOp::kBwd ? c.refuses_bwd != nullptr : c.refuses != nullptr)
+    s += "; calls it refuses: " + impl_description(select_impl(op, cc, "auto"), op);
   // The other rows that exist for this op and device, under "auto" or when requested by name.
   for (const ImplRow& r : kImpls) {
     if (r.impl == chosen || !covers(r, op, cc) || !(is_auto(requested) || std::strcmp(r.name, requested) == 0))
@@ -199,7 +221,7 @@ cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStre
     return cudaErrorInvalidValue;
   canonical_variants(p);
   if (p.batch == 0) return cudaSuccess;
-  if (p.impl != Impl::kSm80) return cudaErrorInvalidValue;  // the only backward today
+  if (p.impl != Impl::kSm80 && p.impl != Impl::kSm90) return cudaErrorInvalidValue;
   const int64_t sq_pad = (p.sq + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad;
   const size_t rows = static_cast<size_t>(p.batch) * p.hq * sq_pad;
   char* ws = static_cast<char*>(workspace);
@@ -224,6 +246,11 @@ cudaError_t flash_bwd(FlashBwdParams p, void* workspace, int dq_splits, cudaStre
         });
       });
       break;
+#if GPTK_HAVE_SM90
+    case Impl::kSm90:  // select_impl chose it for this call (its row's refuses_bwd() let it through)
+      err = run_flash_bwd_sm90(p, stream);
+      break;
+#endif
     default:
       err = cudaErrorInvalidValue;
   }

@@ -261,10 +261,10 @@ _IMPL_ENV = "GPTKERNELS_ATTENTION_IMPL"
 
 def set_attention_impl(impl: str) -> None:
     """Which attention kernels run on a GPU: "auto" (the default: the verified kernels, today sm80),
-    "sm80" (the mma.sync kernels) or "sm90" (the Hopper forward: TMA, wgmma, warp specialisation; on
-    compute capability 9.0 in a build for sm_90a, for the calls it takes, else sm80; opt-in because
-    it has not run on a GPU). Sets GPTKERNELS_ATTENTION_IMPL, which the extension reads at every call
-    (select_impl in csrc/attention/flash_api.cu). The backward and decode kernels are sm80's either way."""
+    "sm80" (the mma.sync kernels) or "sm90" (the Hopper forward and backward: TMA, wgmma, warp
+    specialisation; on compute capability 9.0 in a build for sm_90a, for the calls they take, else
+    sm80; opt-in because they have not run on a GPU). Sets GPTKERNELS_ATTENTION_IMPL, which the
+    extension reads at every call (select_impl in csrc/attention/flash_api.cu). Decode is sm80's either way."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"set_attention_impl: expected one of {ATTENTION_IMPLS}, got {impl!r}")
     os.environ[_IMPL_ENV] = impl

@@ -53,9 +53,11 @@ FAMILIES = {
     # the per-(head dim, dtype) instantiation files, whatever head dims they are generated for
     "attention": (["attention/flash_api.cu", "attention/flash_bwd_prep.cu", "attention/flash_decode.cu",
                    "attention/flash_fwd_hdim*_*.cu", "attention/flash_bwd_hdim*_*.cu"], "abi_attention.cpp"),
-    # the Hopper (sm_90a) forward: its dispatch file and instantiations, driven directly by its ABI
-    "attention_sm90": (["attention/sm90/flash_fwd_sm90_api.cu", "attention/sm90/flash_fwd_sm90_hdim*_*.cu"],
-                       "abi_attention_sm90.cpp"),
+    # the Hopper (sm_90a) forward and backward: their dispatch files and instantiations, driven directly by
+    # their ABI (the backward with the sm_80 path's preprocess / convert kernels around it, as flash_bwd runs it)
+    "attention_sm90": (["attention/sm90/flash_fwd_sm90_api.cu", "attention/sm90/flash_fwd_sm90_hdim*_*.cu",
+                        "attention/sm90/flash_bwd_sm90_api.cu", "attention/sm90/flash_bwd_sm90_hdim*_*.cu",
+                        "attention/flash_bwd_prep.cu"], "abi_attention_sm90.cpp"),
     "selftest": (["_selftest/*.cu"], None),
 }
 

@@ -1,8 +1,8 @@
 // flash_fwd_sm90.h: the Hopper (sm_90a) attention forward -- parameters, launcher declarations and
 // the compile guard (plain C++ plus the CUtensorMap type; no torch).
 //
-// Same op and semantics as run_flash_fwd_sm80 (flash.h): out and lse in the same layout, so the
-// sm_80 backward keeps working on its results. What differs is how the tiles move and multiply:
+// Same op and semantics as run_flash_fwd_sm80 (flash.h): out and lse in the same layout, so either
+// backward (sm_80, or the sm90 one of flash_bwd_sm90.h) works on its results. What differs is how the tiles move and multiply:
 // TMA loads into 128-byte swizzled shared memory, wgmma from shared-memory descriptors, one
 // producer warp and two consumer warpgroups (flash_fwd_sm90_kernel.cuh has the design).
 //

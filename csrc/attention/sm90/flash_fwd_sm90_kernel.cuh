@@ -197,18 +197,6 @@ __device__ __forceinline__ void gemm_pv(float (&o)[Kt::kDT][4], const uint32_t (
   }
 }
 
-// P (fp32 probabilities in the S accumulator layout) -> 16-bit A fragments of P V, one per k16 step.
-template <typename T, int kNT>
-__device__ __forceinline__ void pack_p(const float (&s)[kNT][4], uint32_t (&pa)[kNT / 2][4]) {
-#pragma unroll
-  for (int kk = 0; kk < kNT / 2; ++kk) {
-    pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-    pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-    pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-  }
-}
-
 template <typename T, typename Kt>
 __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams p) {
 #if GPTK_SM90_DEVICE

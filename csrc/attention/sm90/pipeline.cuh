@@ -1,5 +1,6 @@
-// pipeline.cuh: the K/V ring of the sm90 attention forward as small types -- slot/phase state, the
-// full/empty mbarrier pairs of each slot -- and the named barriers of the consumer warpgroups.
+// pipeline.cuh: the TMA rings of the sm90 attention kernels (the forward's K/V, the backward's
+// Q/dO/lse/delta) as small types -- slot/phase state, the full/empty mbarrier pairs of each slot --
+// and the named barriers of the consumer warpgroups.
 //
 // Ring protocol (FlashAttention-3 hopper/mainloop_fwd_sm90_tma_gmma_ws.hpp with CUTLASS
 // PipelineTmaAsync, cutlass/pipeline/sm90_pipeline.hpp; written here without them):
@@ -65,6 +66,7 @@ enum class NamedBarrier : uint32_t {
   kSchedWG1 = 2,     // consumer warpgroup 1 may issue its GEMMs (arrived at by warpgroup 0)
   kEpilogueWG0 = 3,  // the 128 threads of consumer warpgroup 0 have written their output tile
   kEpilogueWG1 = 4,
+  kBwdDsReady = 5,   // backward: both consumer warpgroups have written their dS^T rows (flash_bwd_sm90_kernel.cuh)
 };
 
 __device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {

@@ -92,6 +92,22 @@ inline cudaError_t make_tensor_map(CUtensorMap* map, const TensorRef& t, DType d
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Tensor map of fp32 row vectors (the backward's lse_log2 / delta, flash.h FlashBwdParams): `count`
+// contiguous vectors of `len` floats (len * 4 a multiple of 16 bytes), dims (len, count), box
+// {box, 1}, no swizzle (a box is one row of `box` floats, stored densely).
+inline cudaError_t make_rowvec_map(CUtensorMap* map, const float* base, int64_t len, int64_t count, int box) {
+  const EncodeTiledFn encode = encode_tiled_fn();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(len), static_cast<cuuint64_t>(count)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(len) * 4};
+  const cuuint32_t boxd[2] = {static_cast<cuuint32_t>(box), 1};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(base), dims, strides, boxd,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // ---- device: mbarrier ----------------------------------------------------------------------------
 // `bar` is the shared-window address (__cvta_generic_to_shared) of an 8-byte aligned uint64_t.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -140,6 +156,13 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+// 2-D form (CUTLASS cute/arch/copy_sm90_tma.hpp SM90_TMA_LOAD_2D): coordinates (element, row).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
 }
 __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {

@@ -1,6 +1,6 @@
 // wgmma.cuh: warpgroup tensor-core MMA on sm_90a (wgmma.mma_async), its shared-memory matrix
 // descriptors, the fences around it, and warpgroup register reconfiguration (setmaxnreg).
-// Device code only; used by flash_fwd_sm90_kernel.cuh.
+// Device code only; used by flash_fwd_sm90_kernel.cuh and flash_bwd_sm90_kernel.cuh.
 //
 // A warpgroup is 4 consecutive warps (128 threads, the first warp a multiple of 4). One
 // wgmma.mma_async.m64nNk16 computes D[64 x N] (+)= A[64 x 16] * B[16 x N] for the whole warpgroup:
@@ -57,6 +57,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "attention/mma.cuh"
 
 namespace gptk {
 namespace attn {
@@ -128,6 +130,10 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 //   shared memory (imm-trans-a = imm-trans-b = 0).
 // Wgmma<T, N>::rs_nmajor_b<kScaleD>(d, a, desc_b): A from registers (the fragment above), B N-major
 //   in shared memory (imm-trans-b = 1, allowed for 16-bit types).
+// Wgmma<T, 64>::ss_mn<kScaleD>(d, desc_a, desc_b): both operands MN-major in shared memory (imm-trans-a =
+//   imm-trans-b = 1; the backward's dQ = dS K reads dS from the dS^T tile and K as [key][d]). The
+//   transpose immediates are CUTLASS's GMMA::Major (cute/arch/mma_sm90_gmma.hpp lines 107-110 at 7107b05:
+//   K = 0, MN = 1), legal for 16-bit A and B only (PTX ISA 9.7.15.5.1 "imm-trans-a, imm-trans-b").
 // imm-scale-a = imm-scale-b = 1 (no negation). Operand order per the PTX ISA 9.7.15 syntax of
 // wgmma.mma_async: d, a-desc|a, b-desc, scale-d, imm-scale-a, imm-scale-b[, imm-trans-a], imm-trans-b.
 // One fully written-out asm statement per (type, N, form): the operand lists are long but plain.
@@ -136,6 +142,19 @@ struct Wgmma;
 
 template <>
 struct Wgmma<__nv_bfloat16, 64> {
+  template <int kScaleD>
+  static __device__ __forceinline__ void ss_mn(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, %34, 1, 1, 1, 1;\n"
+        :
+          "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "n"(kScaleD));
+  }
   template <int kScaleD>
   static __device__ __forceinline__ void ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
     asm volatile(
@@ -205,6 +224,19 @@ struct Wgmma<__nv_bfloat16, 128> {
 template <>
 struct Wgmma<__half, 64> {
   template <int kScaleD>
+  static __device__ __forceinline__ void ss_mn(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, %34, 1, 1, 1, 1;\n"
+        :
+          "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "n"(kScaleD));
+  }
+  template <int kScaleD>
   static __device__ __forceinline__ void ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
     asm volatile(
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
@@ -269,6 +301,21 @@ struct Wgmma<__half, 128> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(kScaleD));
   }
 };
+
+// fp32 values in the accumulator layout (columns 16kk..16kk+15 = n8 tiles 2kk, 2kk+1) -> 16-bit A
+// fragments of an RS wgmma whose K runs over those columns, one per k16 step (the register layouts
+// above: the D tile pair packs pairwise into the A fragment). The forward packs P for P V, the
+// backward P^T and dS^T for dV += P^T dO and dK += dS^T Q.
+template <typename T, int kNT>
+__device__ __forceinline__ void pack_p(const float (&s)[kNT][4], uint32_t (&pa)[kNT / 2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kNT / 2; ++kk) {
+    pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
 
 }  // namespace sm90
 }  // namespace attn
