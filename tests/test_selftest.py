@@ -112,8 +112,11 @@ def test_quick_check_passes_with_the_reference_ops(name):
     ("attention", "flash_attn_fwd", lambda q, k, v, causal, scale, *a: torch.ops.gptkernels.flash_attn_fwd(
         q, k, v, causal, scale * 1.05, *a)),
     ("attention", "flash_attn_bwd", lambda dout, q, k, v, *a: torch.ops.gptkernels.flash_attn_bwd(dout, q, v, k, *a)),
-    ("attention", "flash_attn_decode", lambda q, k, v, causal, scale, layout, kv_lens:
-     torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, None, False)),  # ignores kv_lens
+    ("attention", "flash_attn_decode", lambda q, k, v, causal, scale, layout, kv_lens, *variant:
+     torch.ops.gptkernels.flash_attn_fwd(q, k, v, causal, scale, layout, None, False, *variant)),  # ignores kv_lens
+    ("attention", "flash_attn_varlen_fwd", lambda q, k, v, cu_q, cu_k, mq, mk, *a:
+     torch.ops.gptkernels.flash_attn_varlen_fwd(q, k, v, cu_q[[0, -1]], cu_k[[0, -1]], q.shape[0], k.shape[0], *a)),
+    # (one sequence: attends across the boundaries)
 ])
 def test_quick_check_catches_a_broken_kernel(name, op, bad):
     results = FAMILIES[name].check(Ops(**{op: bad}), CPU, quick=True)

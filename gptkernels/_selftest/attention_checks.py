@@ -140,16 +140,16 @@ def _variant_results(k, device, quick, g):
     results = []
     for op in ("fwd", "bwd", "decode"):
         for c in select(VARIANT_CASES, quick):
-            if not (_kernels_take(_variant_names(c[10], c[11])) and hasattr(k, "flash_attn_fwd")):
+            if not (_kernels_take(_variant_names(c[9], c[10])) and hasattr(k, "flash_attn_fwd")):
                 continue
-            desc = _describe(*c[:9], c[9]) + f" window={c[10]} softcap={c[11]}"
+            desc = _describe(*c[:9]) + f" window={c[9]} softcap={c[10]}"
             results.append(run_case("attention", f"flash_attn_{op} variants", desc, c[0],
                                     lambda o, c=c, op=op: _variant_fwd(o, k, device, g, *c, op), FLOOR_ULPS, MIN_SCALE))
         for c in select(VARLEN_CASES, quick):
-            if not (_kernels_take(("varlen",) + _variant_names(c[8], c[9])) and hasattr(k, "flash_attn_varlen_fwd")):
+            if not (_kernels_take(("varlen",) + _variant_names(c[7], c[8])) and hasattr(k, "flash_attn_varlen_fwd")):
                 continue
-            desc = (f"{dtype_name(c[1])} H{c[2]}/{c[3]} q{list(c[4])} k{list(c[5])} D{c[6]}"
-                    f"{' causal' if c[7] else ''} window={c[8]} softcap={c[9]}")
+            desc = (f"{dtype_name(c[0])} H{c[1]}/{c[2]} q{list(c[3])} k{list(c[4])} D{c[5]}"
+                    f"{' causal' if c[6] else ''} window={c[7]} softcap={c[8]}")
             results.append(run_case("attention", f"flash_attn_varlen_{op}", desc, c[0],
                                     lambda o, c=c, op=op: _varlen(o, k, device, g, *c, op), FLOOR_ULPS, MIN_SCALE))
     return results
