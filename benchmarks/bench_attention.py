@@ -1,10 +1,11 @@
 """Attention: gptkernels flash_attention vs torch SDPA's FlashAttention-2 and cuDNN backends, side by
 side in one run, plus decoding over a KV cache.
 
-Providers: "gptkernels" runs our sm80 (mma.sync) forward, "gptkernels_sm90" our Hopper forward
-(TMA + wgmma; compute capability 9.0 and a build for sm_90a, else reported unavailable); both use
-the same backward, so the backward cases time it once. The forward selection goes through
-GPTKERNELS_ATTENTION_IMPL (gptkernels.set_attention_impl), set before every timed call.
+Providers: "gptkernels" runs our sm80 (mma.sync) kernels, "gptkernels_sm90" our Hopper forward and
+backward (TMA + wgmma; compute capability 9.0 and a build for sm_90a, else reported unavailable),
+"gptkernels_det" / "gptkernels_sm90_det" (backward only) the sm80 / sm90 backward with
+deterministic=True (fixed dq reduction order). The selection goes through GPTKERNELS_ATTENTION_IMPL (gptkernels.set_attention_impl), set
+before every timed call.
 
 Training grid (/work/shared/GPU.md): batch * seq = 16k tokens, heads * head_dim = 2048, bf16,
 S in 512 .. 16k, D in {64, 128}, causal and full, forward and backward. TFLOP/s by FlashAttention's
@@ -37,7 +38,7 @@ def _train_case(S, D, causal, dev, dtype=torch.bfloat16):
     def inputs():
         return [torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
 
-    def ours(impl):
+    def ours(impl, deterministic=None):
         def factory():
             if impl == "sm90" and not _sm90_runs():
                 raise RuntimeError("the sm90 kernel needs compute capability 9.0 and a build for sm_90a")
@@ -46,7 +47,7 @@ def _train_case(S, D, causal, dev, dtype=torch.bfloat16):
             def fwd():
                 if os.environ.get("GPTKERNELS_ATTENTION_IMPL") != impl:
                     A.set_attention_impl(impl)
-                return GF.flash_attention(q, k, v, causal=causal)[0]
+                return GF.flash_attention(q, k, v, causal=causal, deterministic=deterministic)[0]
             return fwd, [q, k, v]
         return factory
 
@@ -72,7 +73,9 @@ def _train_case(S, D, causal, dev, dtype=torch.bfloat16):
         Case(op="attention", name=name, params=params, modes=("fwd",), baseline="sdpa_flash", flops=flops,
              providers={"gptkernels": ours("sm80"), "gptkernels_sm90": ours("sm90"), **sdpa_providers}),
         Case(op="attention", name=name, params=params, modes=("bwd",), baseline="sdpa_flash", flops=flops,
-             providers={"gptkernels": ours("sm80"), **sdpa_providers}),
+             providers={"gptkernels": ours("sm80"), "gptkernels_sm90": ours("sm90"),
+                        "gptkernels_det": ours("sm80", deterministic=True),
+                        "gptkernels_sm90_det": ours("sm90", deterministic=True), **sdpa_providers}),
     ]
 
 
@@ -81,7 +84,7 @@ def _sm90_runs():
     old = os.environ.get("GPTKERNELS_ATTENTION_IMPL")
     try:
         A.set_attention_impl("sm90")
-        return (A.kernel_implementation("fwd") or "").startswith("sm90")
+        return all((A.kernel_implementation(op) or "").startswith("sm90") for op in ("fwd", "bwd"))
     finally:
         if old is None:
             os.environ.pop("GPTKERNELS_ATTENTION_IMPL", None)
