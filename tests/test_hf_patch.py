@@ -305,7 +305,7 @@ def test_check_catches_unshifted_labels(monkeypatch):
 
 def test_check_catches_wrong_attention_scale(monkeypatch):
     real = A._flash
-    monkeypatch.setattr(A, "_flash", lambda q, k, v, causal, scale, kv_lens=None: real(q, k, v, causal, None, kv_lens))
+    monkeypatch.setattr(A, "_flash", lambda q, k, v, causal, scale, *a: real(q, k, v, causal, None, *a))
     ref, patched, truth = M.trio("opt")  # OPT scales the queries itself and asks for scaling=1.0
     r, p, t = _eval_logits((ref, patched, truth), _tokens())
     with pytest.raises(AssertionError, match="exceeds"):
@@ -313,7 +313,7 @@ def test_check_catches_wrong_attention_scale(monkeypatch):
 
 
 def test_check_catches_kernel_rows_kept_for_padding(monkeypatch):
-    monkeypatch.setattr(A, "_split_rows", lambda module, q, k, v, mask, plan, scaling, out: out)
+    monkeypatch.setattr(A, "_split_rows", lambda module, q, k, v, mask, plan, scaling, out, *a: out)
     ref, patched, truth = M.trio("llama")
     x = _tokens()
     r, p, t = _eval_logits((ref, patched, truth), x, _right_padded(x))
