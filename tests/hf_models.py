@@ -41,17 +41,29 @@ def configs():
                                         hidden_dropout=0.0, attention_dropout=0.0)),
         "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0,
                                       attention_dropout=0.0)),
-        # sliding window 8 < the test sequences: the window bites (sdpa), except while decoding a static cache
+        # sliding window 8 < the test sequences: the window bites (flash_attention with window (7, 0))
         "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           sliding_window=8)),
     }
 
 
+def variant_configs():
+    """Models for the attention variants only (not patch()'s per-architecture table): Gemma-2 with
+    attention softcapping on every layer and a sliding window of 4 on its local (even) layers."""
+    return {
+        "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=2.0,
+                                        final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+                                        attention_dropout=0.0)),
+    }
+
+
 def make(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
     """A randomly initialised *ForCausalLM / *LMHeadModel of the tiny config."""
     import transformers
-    cls_name, kw = configs()[model_type]
+    cls_name, kw = {**configs(), **variant_configs()}[model_type]
     config = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)

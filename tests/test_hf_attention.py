@@ -108,7 +108,7 @@ def test_bidirectional_padding_is_a_prefix():
 def test_inexpressible_masks_go_to_sdpa(case):
     if case == "left padding":
         mask = _mask(2, 9, 9, pad=_pad([9, 6], 9, left=True))
-    elif case == "sliding window":
+    elif case == "sliding window":  # without the layer's sliding_window (tests/test_hf_variants.py has it)
         mask = _mask(1, 9, 9, fn=sliding_window_causal_mask_function(4), allow_is_causal_skip=False)
     else:  # two sequences packed in one row
         seq = torch.tensor([0] * 4 + [1] * 5)
@@ -140,8 +140,10 @@ def test_dropout_position_bias_and_softcap():
     A.gptkernels_attention_forward(mod, q, k, v, None, dropout=0.1)
     A.gptkernels_attention_forward(mod, q, k, v, None, position_bias=torch.zeros(1, 4, 5, 5))
     assert A.PATHS == {"sdpa": 2}
-    with pytest.raises(ValueError, match="softcap"):
-        A.gptkernels_attention_forward(mod, q, k, v, None, softcap=30.0)
+    A.gptkernels_attention_forward(mod, q, k, v, None, softcap=30.0)  # the kernels cap (tests/test_hf_variants.py)
+    assert A.PATHS["flash_attention"] == 1
+    with pytest.raises(ValueError, match="softcap"):  # not the kernels', and no eager function to run: as sdpa
+        A.gptkernels_attention_forward(mod, q, k, v, None, dropout=0.1, softcap=30.0)
 
 
 def test_gradients_with_kv_lens_go_to_sdpa():
