@@ -22,7 +22,8 @@ from gptkernels.hf import attention as A  # noqa: E402
 
 def _qkv(b, hq, hkv, sq, sk, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, sq, hq, d, generator=g).transpose(1, 2), torch.randn(b, sk, hkv, d, generator=g).transpose(1, 2),
+    return (torch.randn(b, sq, hq, d, generator=g).transpose(1, 2),
+            torch.randn(b, sk, hkv, d, generator=g).transpose(1, 2),
             torch.randn(b, sk, hkv, d, generator=g).transpose(1, 2))
 
 
@@ -188,6 +189,22 @@ def test_greedy_generate_token_for_token(model_type, cache):
     A.PATHS.clear()
     out = ours.eval().generate(x, **kw)
     _only_kernel()
+    assert torch.equal(out, ref.eval().generate(x, **kw))
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_left_padded_generate_falls_back_and_matches(model_type):
+    """Left padding is not ours (sdpa; Gemma-2's softcap: its eager function) until the window has slid
+    past the padding: token for token all the same."""
+    ref, ours, _ = _trio(model_type)
+    x = _tokens(3, 6)
+    am = torch.ones_like(x)
+    am[1, :2] = 0
+    am[2, :4] = 0
+    kw = dict(max_new_tokens=10, do_sample=False, attention_mask=am)
+    A.PATHS.clear()
+    out = ours.eval().generate(x, **kw)
+    assert A.PATHS["sdpa" if model_type == "mistral" else "eager"] > 0, dict(A.PATHS)
     assert torch.equal(out, ref.eval().generate(x, **kw))
 
 
