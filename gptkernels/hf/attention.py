@@ -148,7 +148,8 @@ _KERNEL_OK: dict[tuple, bool] = {}
 def _flash(q, k, v, causal: bool, scale, kv_lens=None, window_left: int = -1, softcap: float = 0.0):
     """flash_attention on (B, H, S, D) views, read as "bshd" (the projections' own layout: no copies).
     Returns the output as (B, Sq, Hq, D), or None when on a GPU the kernel does not support the call
-    (the caller then runs sdpa rather than our reference math). On the CPU: the op's reference path.
+    (the caller then runs sdpa, or eager for a softcap, rather than our reference math). On the CPU:
+    the op's reference path.
     window_left >= 0 (causal only): the window (window_left, 0); softcap > 0 caps the scores."""
     qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     window = (window_left, 0) if causal and window_left >= 0 else (-1, -1)
