@@ -46,6 +46,7 @@
 
 #include <climits>
 
+#include "attention/bwd_tile.cuh"
 #include "attention/flash.h"
 #include "attention/mask.cuh"
 #include "attention/mma.cuh"
@@ -136,23 +137,6 @@ template <int kRows>
 __device__ __forceinline__ void load_rowvec_async(uint32_t smem, const float* gmem, int idx) {
   if (idx >= 0 && idx < kRows / 4) cp_async_16(smem + idx * 16, gmem + idx * 4, true);
 }
-
-// Which work a CTA does. blockIdx.x = x * (B * Hkv * head_splits) + (b * Hkv + hk) * head_splits + hs:
-// x (the key block, or in deterministic mode the first of the key blocks x, x + grid_n, ...) varies
-// slowest, so under causal masking the key blocks that see the most queries (the first ones) are
-// all launched first and the light ones fill the tail.
-struct BwdTile {
-  int x, hs, hk, b;
-  __device__ __forceinline__ BwdTile(const FlashBwdParams& p, unsigned bid) {
-    const unsigned rest = static_cast<unsigned>(p.batch) * p.hkv * p.head_splits;
-    x = static_cast<int>(bid / rest);
-    bid %= rest;
-    hs = static_cast<int>(bid % p.head_splits);
-    bid /= p.head_splits;
-    hk = static_cast<int>(bid % p.hkv);
-    b = static_cast<int>(bid / p.hkv);
-  }
-};
 
 // Per key block, what the query loop needs besides its accumulators, parked in shared memory by
 // thread 0 and read back after barriers (in registers across the loop these cost the few registers

@@ -45,6 +45,7 @@
 
 #include <climits>
 
+#include "attention/bwd_tile.cuh"
 #include "attention/mma.cuh"
 #include "attention/sm90/flash_bwd_sm90.h"
 #include "attention/sm90/flash_fwd_sm90.h"
@@ -108,26 +109,11 @@ struct BwdConfig<128> {
   using Traits = BwdTraits<128, 64, 2>;
 };
 
-// Which work a CTA does: blockIdx.x = x * (B * Hkv * head_splits) + (b * Hkv + hk) * head_splits + hs
-// (the sm_80 backward's order: key blocks slowest, so causal's heavy first key blocks start first).
-struct BwdWork {
-  int x, hs, hk, b;
-  __device__ __forceinline__ BwdWork(const FlashBwdParams& p, unsigned bid) {
-    const unsigned rest = static_cast<unsigned>(p.batch) * p.hkv * p.head_splits;
-    x = static_cast<int>(bid / rest);
-    bid %= rest;
-    hs = static_cast<int>(bid % p.head_splits);
-    bid /= p.head_splits;
-    hk = static_cast<int>(bid % p.hkv);
-    b = static_cast<int>(bid / p.hkv);
-  }
-};
-
 // The query loop of one key block: steps it = 0 .. total-1 visit head h0 + it / nm, query block
 // m_begin + it % nm (causal: the first query block that sees key n0 onwards).
 struct KeyBlock {
   int n0, m_begin, nm, total, h0;
-  __device__ __forceinline__ KeyBlock(const FlashBwdParams& p, const BwdWork& w, int n_block, int block_m) {
+  __device__ __forceinline__ KeyBlock(const FlashBwdParams& p, const BwdTile& w, int n_block, int block_m) {
     n0 = n_block * kBwdBlockN;
     const int offset = p.sk - p.sq;  // bottom-right causal: key j visible to query i iff j <= i + offset
     m_begin = p.causal ? max(0, n0 - offset) / block_m : 0;
@@ -160,7 +146,7 @@ __device__ __forceinline__ void produce(const Sm90BwdParams& p, uint32_t s0, con
   prefetch_tensor_map(&p.tma_do);
   prefetch_tensor_map(&p.tma_k);
   prefetch_tensor_map(&p.tma_v);
-  const BwdWork w(f, blockIdx.x);
+  const BwdTile w(f, blockIdx.x);
   const int num_n = (f.sk + Kt::kBlockN - 1) / Kt::kBlockN;
   const int grid_n = f.deterministic ? f.dq_splits : num_n;
   PipeState<Kt::kStages> st;
@@ -192,31 +178,6 @@ __device__ __forceinline__ void produce(const Sm90BwdParams& p, uint32_t s0, con
       st.advance();
     }
     kv_phase ^= 1u;
-  }
-}
-
-// S^T (or dP^T) = K_w Q^T (V_w dO^T): A = the warpgroup's 64 keys, B = the kBlockM query rows, both K-major.
-template <typename T, typename Kt>
-__device__ __forceinline__ void gemm_sdp(float (&acc)[Kt::kNT][4], uint32_t tile_kv, uint32_t tile_q, int cw) {
-#pragma unroll
-  for (int ks = 0; ks < Kt::kHeadDim / 16; ++ks) {
-    const uint64_t da = kmajor_desc(tile_kv, Kt::kBlockN, cw * 64, ks);
-    const uint64_t db = kmajor_desc(tile_q, Kt::kBlockM, 0, ks);
-    if (ks == 0) {
-      Wgmma<T, Kt::kBlockM>::template ss<0>(acc, da, db);
-    } else {
-      Wgmma<T, Kt::kBlockM>::template ss<1>(acc, da, db);
-    }
-  }
-}
-
-// dV += P^T dO (dK += dS^T Q): A from registers (k16 steps over the queries), B = dO (Q) MN-major.
-template <typename T, typename Kt>
-__device__ __forceinline__ void gemm_dkv(float (&acc)[Kt::kDT][4], const uint32_t (&a)[Kt::kNT / 2][4],
-                                         uint32_t tile_q) {
-#pragma unroll
-  for (int kk = 0; kk < Kt::kBlockM / 16; ++kk) {
-    Wgmma<T, Kt::kHeadDim>::template rs_nmajor_b<1>(acc, a[kk], mnmajor_desc(tile_q, Kt::kBlockM, kk));
   }
 }
 
@@ -272,7 +233,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
   const int qb = Kt::kDqRowBlocks > 1 ? cw : 0, cb = Kt::kDqColBlocks > 1 ? cw : 0;  // its dQ piece
   // Per-CTA values (work decode, sizes, scale) are re-derived from the parameters where used (through
   // opaque(): not hoisted), so that only the loop state stays live next to 192 fp32 accumulators.
-  auto work = [&] { return BwdWork(f, opaque(blockIdx.x)); };
+  auto work = [&] { return BwdTile(f, opaque(blockIdx.x)); };
   auto num_n = [&] { return (static_cast<int>(opaque(static_cast<uint32_t>(f.sk))) + kBlockN - 1) / kBlockN; };
 
   PipeState<kStages> rd;  // also picks the dS^T buffer: rd.index & 1 alternates step by step (kStages even)
@@ -296,9 +257,9 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
 
       float acc_s[kNT][4], acc_dp[kNT][4];
       wgmma_fence();
-      gemm_sdp<T, Kt>(acc_s, sK, sQ, cw);
+      gemm_ss_kmajor<T, Kt::kHeadDim, Kt::kBlockN, Kt::kBlockM>(acc_s, sK, cw * 64, sQ);
       wgmma_commit();
-      gemm_sdp<T, Kt>(acc_dp, sV, sdO, cw);
+      gemm_ss_kmajor<T, Kt::kHeadDim, Kt::kBlockN, Kt::kBlockM>(acc_dp, sV, cw * 64, sdO);
       wgmma_commit();
       wgmma_wait<1>();
       fence_operand(acc_s);
@@ -343,8 +304,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       }
       fence_proxy_async();  // the dS^T stores, before the dQ wgmma reads them through the async proxy
       wgmma_fence();
-      gemm_dkv<T, Kt>(acc_dv, pa, sdO);
-      gemm_dkv<T, Kt>(acc_dk, dsa, sQ);
+      gemm_rs_mnmajor<T, Kt::kHeadDim, Kt::kBlockM>(acc_dv, pa, sdO);
+      gemm_rs_mnmajor<T, Kt::kHeadDim, Kt::kBlockM>(acc_dk, dsa, sQ);
       wgmma_commit();
       named_bar_sync(static_cast<uint32_t>(NamedBarrier::kBwdDsReady), 256);  // both halves of dS^T written
       float acc_dq[8][4];
@@ -359,7 +320,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
       fence_operand(dsa);  // hopper/utils.h flash::gemm fences an RS A operand the same way): acc_dq may not reuse them
       ring.release(rd, lane);  // Q, dO, lse, delta of this slot are no longer read
       // dQ piece: rows m0 + 64 qb + wrow (+8), columns 64 cb + 8j + 2t (+1)
-      const BwdWork w = work();
+      const BwdTile w = work();
       const int64_t slice = f.deterministic ? w.x : 0;
       float* dq = f.dq_accum + ((slice * f.batch + w.b) * f.hq + h) * static_cast<int64_t>(f.sq) * f.d;
 #pragma unroll
@@ -378,7 +339,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_sm90_kernel(const _
     if (kb.total > 0) kv_phase ^= 1u;
 
     // ---- epilogue of the key block: rows key0 (+8), columns 8j + 2t (+1) --------------------------------
-    const BwdWork w = work();
+    const BwdTile w = work();
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int key = key0 + 8 * hh;

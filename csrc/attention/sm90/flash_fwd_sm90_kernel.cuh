@@ -175,29 +175,6 @@ __device__ __forceinline__ void produce(const Sm90FwdParams& p, uint32_t sQ, uin
 }
 
 template <typename T, typename Kt>
-__device__ __forceinline__ void gemm_qk(float (&s)[Kt::kNT][4], uint32_t sQ, uint32_t tile_k, int wg) {
-#pragma unroll
-  for (int ks = 0; ks < Kt::kHeadDim / 16; ++ks) {
-    const uint64_t da = kmajor_desc(sQ, Kt::kBlockM, wg * 64, ks);
-    const uint64_t db = kmajor_desc(tile_k, Kt::kBlockN, 0, ks);
-    if (ks == 0) {
-      Wgmma<T, Kt::kBlockN>::template ss<0>(s, da, db);
-    } else {
-      Wgmma<T, Kt::kBlockN>::template ss<1>(s, da, db);
-    }
-  }
-}
-
-template <typename T, typename Kt>
-__device__ __forceinline__ void gemm_pv(float (&o)[Kt::kDT][4], const uint32_t (&pa)[Kt::kBlockN / 16][4],
-                                        uint32_t tile_v) {
-#pragma unroll
-  for (int kk = 0; kk < Kt::kBlockN / 16; ++kk) {
-    Wgmma<T, Kt::kHeadDim>::template rs_nmajor_b<1>(o, pa[kk], mnmajor_desc(tile_v, Kt::kBlockN, kk));
-  }
-}
-
-template <typename T, typename Kt>
 __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams p) {
 #if GPTK_SM90_DEVICE
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kStages = Kt::kStages;
@@ -272,7 +249,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_sm90_kernel(const _
   ring_k.wait_full(rk);
   sched.begin(0);
   wgmma_fence();
-  gemm_qk<T, Kt>(acc_s[0], sQ, sK + rk.index * Kt::kTileKV, cw);
+  gemm_ss_kmajor<T, Kt::kHeadDim, Kt::kBlockM, Kt::kBlockN>(acc_s[0], sQ, cw * 64, sK + rk.index * Kt::kTileKV);
   wgmma_commit();
   sched.end(0);
   wgmma_wait<0>();
@@ -290,11 +267,11 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_sm90_kernel(const _
     ring_k.wait_full(rk);
     sched.begin(step);
     wgmma_fence();
-    gemm_qk<T, Kt>(acc_s[0], sQ, sK + rk.index * Kt::kTileKV, cw);
+    gemm_ss_kmajor<T, Kt::kHeadDim, Kt::kBlockM, Kt::kBlockN>(acc_s[0], sQ, cw * 64, sK + rk.index * Kt::kTileKV);
     wgmma_commit();
     ring_v.wait_full(rv);
     wgmma_fence();  // as FlashAttention-3's flash::gemm: every GEMM batch starts with a fence
-    gemm_pv<T, Kt>(acc_o[0], pa, sV + rv.index * Kt::kTileKV);
+    gemm_rs_mnmajor<T, Kt::kHeadDim, Kt::kBlockN>(acc_o[0], pa, sV + rv.index * Kt::kTileKV);
     wgmma_commit();
     sched.end(step);
     wgmma_wait<1>();  // S = Q K[n]^T is done; O += P V[n+1] may still run
@@ -312,7 +289,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_sm90_kernel(const _
   ring_v.wait_full(rv);
   sched.begin(n_blocks);
   wgmma_fence();
-  gemm_pv<T, Kt>(acc_o[0], pa, sV + rv.index * Kt::kTileKV);
+  gemm_rs_mnmajor<T, Kt::kHeadDim, Kt::kBlockN>(acc_o[0], pa, sV + rv.index * Kt::kTileKV);
   wgmma_commit();
   sched.end(n_blocks);
   wgmma_wait<0>();

@@ -317,6 +317,36 @@ __device__ __forceinline__ void pack_p(const float (&s)[kNT][4], uint32_t (&pa)[
   }
 }
 
+// The two GEMM shapes of both attention kernels, written once (accumulator fragments of N columns):
+// acc = A B^T over kK / 16 k16 steps, both operands K-major in shared memory: A = rows [a_row0,
+// a_row0 + 64) of a kRowsA-row tile, B = a kRowsB-row tile (N = kRowsB). Forward S = Q K^T; backward
+// S^T = K Q^T and dP^T = V dO^T.
+template <typename T, int kK, int kRowsA, int kRowsB>
+__device__ __forceinline__ void gemm_ss_kmajor(float (&acc)[kRowsB / 8][4], uint32_t tile_a, int a_row0,
+                                               uint32_t tile_b) {
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    const uint64_t da = kmajor_desc(tile_a, kRowsA, a_row0, ks);
+    const uint64_t db = kmajor_desc(tile_b, kRowsB, 0, ks);
+    if (ks == 0) {
+      Wgmma<T, kRowsB>::template ss<0>(acc, da, db);
+    } else {
+      Wgmma<T, kRowsB>::template ss<1>(acc, da, db);
+    }
+  }
+}
+
+// acc += A B over kK / 16 k16 steps: A from registers (pack_p), B a kK-row MN-major tile of N columns.
+// Forward O += P V; backward dV += P^T dO and dK += dS^T Q.
+template <typename T, int N, int kK>
+__device__ __forceinline__ void gemm_rs_mnmajor(float (&acc)[N / 8][4], const uint32_t (&a)[kK / 16][4],
+                                                uint32_t tile_b) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    Wgmma<T, N>::template rs_nmajor_b<1>(acc, a[kk], mnmajor_desc(tile_b, kK, kk));
+  }
+}
+
 }  // namespace sm90
 }  // namespace attn
 }  // namespace gptk
